@@ -1,0 +1,69 @@
+"""Sampling from the policy being trained: batched, KV-cached, returns token ids (never re-tokenized text).
+
+Works on an FSDP-sharded policy: each rank samples for its own prompts, and every rank runs the same
+number of forward passes (each one all-gathers parameters), stopping only when all ranks are done.
+"""
+
+import time
+
+import torch
+import torch.distributed as dist
+from transformers import DynamicCache
+
+
+@torch.no_grad()
+def generate(model, prompt_token_ids, prompt_attention_mask, max_new_tokens: int, eos_token_id: int, pad_token_id: int,
+             temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None):
+    """Sample a response for each left-padded prompt (B, Tp).
+
+    Returns (response_token_ids, response_attention_mask, tokens_per_s): (B, Tr) right-padded with
+    pad_token_id, each response ending at its EOS (included) or after max_new_tokens.
+    temperature 0 is greedy decoding.
+    """
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    batch_size, device = prompt_token_ids.shape[0], prompt_token_ids.device
+    attention_mask = prompt_attention_mask.clone()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
+    cache = DynamicCache()
+    logits = model(input_ids=prompt_token_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    next_position = position_ids[:, -1:] + 1
+    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    tokens, masks = [], []
+    for _ in range(max_new_tokens):
+        next_token = sample(logits.float(), temperature, top_p, generator)
+        masks.append(~done)
+        tokens.append(torch.where(done, pad_token_id, next_token))
+        done = done | (next_token == eos_token_id)
+        if all_done(done):
+            break
+        attention_mask = torch.cat([attention_mask, masks[-1].long()[:, None]], dim=1)
+        logits = model(input_ids=tokens[-1][:, None], attention_mask=attention_mask, position_ids=next_position,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        next_position = next_position + 1
+    response_ids, response_mask = torch.stack(tokens, 1), torch.stack(masks, 1).long()
+    model.train(was_training)
+    return response_ids, response_mask, response_mask.sum().item() / (time.perf_counter() - start)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """One token per row from (B, V) logits: temperature, then nucleus (top-p) filtering."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # tokens after the nucleus is full
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def all_done(done: torch.Tensor) -> bool:
+    """True when every sequence on every rank has finished (a collective when there are several ranks)."""
+    remaining = (~done).sum()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(remaining)
+    return remaining.item() == 0

@@ -1,0 +1,181 @@
+"""Supervised fine-tuning (setup 1): maximise the likelihood of the dataset's responses.
+
+    loss = sum_i generation1_weight_i * sum_{t in response_i} -log pi(y_it | x_i, y_i<t) / num_response_tokens
+
+num_response_tokens counts the response tokens of the whole global batch (every micro-batch on every
+process), so every response token in the batch counts the same, however the batch is split.
+
+    python sft.py                     # the toy task on a CPU: eval/reward rises from ~0 to rho's ~0.76
+    torchrun --nproc_per_node 8 sft.py --model_name_or_path Qwen/Qwen2.5-0.5B --dataset hh \
+        --learning_rate 1e-5 --max_steps 2000 --per_device_batch_size 8 --output_dir runs/sft-hh
+
+Departures from the usual recipe:
+1. The loss is a mean over response tokens, never over prompt tokens (no "train on inputs").
+2. Defaults are tuned for the toy task (a tiny model likes a large learning rate); real models need
+   --learning_rate around 1e-5.
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+import tyro
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from common import toy
+from common.batch import BatchFactory, collate, to_device, tokenize_records
+from common.data import load_records
+from common.distributed import (Tracker, all_reduce, cleanup, init_distributed, is_main, load_checkpoint, print0,
+                                save_checkpoint, save_pretrained, shard_model)
+from common.generation import generate
+from common.model import load_causal_lm, load_tokenizer, response_logps
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "sft"
+    """name of the run (wandb run name prefix)"""
+    seed: int = 1
+    """seed for initialisation and data order"""
+    output_dir: str = "runs/sft"
+    """where the final model, args.json, metrics.jsonl and checkpoints go"""
+    track: bool = False
+    """log to wandb"""
+    wandb_project_name: str = "align"
+    """wandb project"""
+    wandb_entity: str | None = None
+    """wandb entity (team or user)"""
+    resume: bool = False
+    """continue from the newest checkpoint in output_dir"""
+    save_every: int = 0
+    """save a checkpoint every this many steps (0: never)"""
+    log_every: int = 10
+    """log metrics every this many steps"""
+
+    # model and data
+    model_name_or_path: str = "toy"
+    """hub id or local path of a causal LM; `toy` is the embedded tiny Llama (random init)"""
+    dataset: str = "toy"
+    """toy, hh, shp, ultrafeedback, a hub id, or a local .jsonl/.json/.parquet/.csv file"""
+    dataset_split: str = "train"
+    """split to train on"""
+    max_length: int = 512
+    """longest prompt + response in tokens"""
+    max_prompt_length: int = 256
+    """longest prompt in tokens (longer prompts keep their end)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+
+    # optimization
+    max_steps: int = 400
+    """optimizer steps"""
+    learning_rate: float = 3e-3
+    """peak learning rate of AdamW"""
+    per_device_batch_size: int = 64
+    """examples per micro-batch on each process"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    warmup_steps: int = 20
+    """linear warmup steps, then cosine decay to 0"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+
+    # evaluation (toy only: the true reward is known)
+    eval_every: int = 100
+    """evaluate every this many steps (and at the start and the end)"""
+    num_eval_prompts: int = 256
+    """held-out prompts sampled for eval/reward"""
+    eval_temperature: float = 1.0
+    """sampling temperature for eval/reward (1.0 measures the policy itself, not its mode)"""
+
+
+def evaluate(model, tokenizer, eval_batch, args, device) -> dict:
+    """Mean true reward of sampled responses to held-out prompts, over all processes."""
+    generator = torch.Generator(device).manual_seed(args.seed)  # own generator: evaluation never moves the training RNG
+    response_ids, response_mask, tokens_per_s = generate(
+        model, eval_batch["prompt_token_ids"], eval_batch["prompt_attention_mask"], max_new_tokens=16,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, temperature=args.eval_temperature, generator=generator)
+    responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    reward = sum(toy.true_reward(p, r) for p, r in zip(eval_batch["prompt"], responses))
+    return {"eval/reward": all_reduce(reward).item() / args.num_eval_prompts, "eval/generated_tokens_per_s": tokens_per_s}
+
+
+def main(args: Args):
+    rank, world_size, device = init_distributed(args.seed)
+    global_batch_size = args.per_device_batch_size * args.gradient_accumulation_steps * world_size
+    print0(f"{world_size} process(es) on {device.type}; global batch {global_batch_size} = {args.per_device_batch_size} "
+           f"per device x {args.gradient_accumulation_steps} accumulation x {world_size} processes")
+
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    model = shard_model(load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing), device)
+    print0(f"model: {args.model_name_or_path}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    rows = tokenize_records(load_records(args.dataset, args.dataset_split, "sft"), tokenizer, args.max_length, args.max_prompt_length)
+    factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed)
+    eval_batch = None
+    if args.dataset == "toy":
+        eval_rows = tokenize_records(toy.records("test", "prompt")[: args.num_eval_prompts], tokenizer, args.max_length, args.max_prompt_length)
+        eval_batch = to_device(collate(eval_rows[rank::world_size], tokenizer.pad_token_id), device)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
+    start_step = 0
+    if args.resume:
+        start_step, data_state = load_checkpoint(args.output_dir, model, optimizer, scheduler)
+        factory.load_state_dict(data_state)
+    tracker = Tracker(args, resume_step=start_step if args.resume else None)
+    if eval_batch is not None and start_step == 0:
+        tracker.log(0, evaluate(model, tokenizer, eval_batch, args, device))
+
+    model.train()
+    for step in tqdm(range(start_step, args.max_steps), disable=not is_main(), initial=start_step, total=args.max_steps):
+        step_start = time.perf_counter()
+        # 1. get batch: this process's micro-batches for one optimizer step
+        batches = [to_device(b, device) for b in factory.next_step()]
+        num_response_tokens = all_reduce(sum(b["generation1_response_mask"].sum() for b in batches)).item()
+        nll_sum = torch.zeros((), device=device)
+        for i, batch in enumerate(batches):
+            model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce gradients once per step
+            # 2. forward: log-probs of the response tokens
+            logps, mask = response_logps(model, batch["generation1_token_ids"], batch["generation1_attention_mask"],
+                                         batch["generation1_response_mask"])  # (B, K)
+            # 3. loss: weighted NLL summed over this micro-batch's response tokens, divided by the global
+            # token count. Summing over micro-batches gives the global mean's share of this process;
+            # FSDP averages gradients over processes, so * world_size makes their sum the global mean.
+            nll = -(logps * batch["generation1_weight"][:, None]).sum()
+            loss = nll / num_response_tokens * world_size
+            loss.backward()
+            nll_sum += nll.detach()
+        # 4. step
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # 5. log
+        if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
+            num_tokens = all_reduce(sum(b["generation1_attention_mask"].sum() for b in batches)).item()
+            tracker.log(step + 1, {
+                "train/loss": all_reduce(nll_sum).item() / num_response_tokens,
+                "train/grad_norm": grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/tokens_per_s": num_tokens / (time.perf_counter() - step_start),
+            })
+        if eval_batch is not None and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+            metrics = evaluate(model, tokenizer, eval_batch, args, device)
+            tracker.log(step + 1, metrics)
+            print0(f"step {step + 1}: eval/reward {metrics['eval/reward']:.3f}")
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(args.output_dir, step + 1, model, optimizer, scheduler, factory.state_dict())
+
+    save_pretrained(model, tokenizer, args.output_dir)
+    print0(f"saved to {args.output_dir}")
+    tracker.finish()
+    cleanup()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
