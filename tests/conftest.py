@@ -1,0 +1,69 @@
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[1]
+HH_PATH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def hh_path():
+    if not HH_PATH.exists():
+        pytest.skip(f"real HH-RLHF rows not found at {HH_PATH} (shared/data beside the checkout)")
+    return HH_PATH
+
+
+@pytest.fixture(scope="session")
+def hh_rows(hh_path):
+    with gzip.open(hh_path, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(tmp_path_factory, hh_rows):
+    """A real byte-level BPE (2k vocab) trained on the HH text, with a ChatML template whose
+    end-of-turn token <|im_end|> is EOS (as in Qwen's instruct models)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    texts = (r[k] for r in hh_rows[:1000] for k in ("chosen", "rejected"))
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2000, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path_factory.mktemp("bpe")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                            chat_template=CHATML).save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def world_of_one():
+    """A process group of one in this process (BatchFactory and reductions need one)."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+
+
+def run_script(script: str, *args: str, nproc: int = 1, check: bool = True, env: dict | None = None, timeout: int = 300):
+    """Run a top-level script (under torchrun when nproc > 1) in the repo; returns the CompletedProcess."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
+    proc = subprocess.run([*launcher, script, *args], cwd=REPO, capture_output=True, text=True, env=full_env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
