@@ -4,9 +4,10 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from common import toy
+from common.batch import collate, tokenize_records
 from common.distributed import fail
 
 
@@ -23,8 +24,8 @@ def load_tokenizer(model_name_or_path: str):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         fail(f"model '{model_name_or_path}' not found: not a local folder with a tokenizer, nor loadable from the hub ({str(e).splitlines()[0]})")
-    if tokenizer.pad_token is None:  # padding is always masked out, so any id will do
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:  # padding is masked out; prefer a token that is not EOS (see load_reward_model)
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
 
 
@@ -54,3 +55,47 @@ def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     labels, mask = input_ids[:, first:], response_mask[:, first:]
     logps = -F.cross_entropy(logits.transpose(1, 2).float(), labels, reduction="none")  # (B, K)
     return logps * mask, mask
+
+
+def load_reward_model(model_name_or_path: str, tokenizer, device: torch.device, from_causal_lm: bool = False):
+    """A sequence-classification model with one output: the reward. With from_causal_lm, a causal-LM
+    checkpoint (or `toy`) gets a fresh score head, to be trained by reward_model.py.
+
+    The reward is read where transformers reads it: at the last token that is not padding. So config.pad_token_id
+    is the tokenizer's pad; where a tokenizer pads with EOS, the final EOS counts as padding and the reward
+    is read at the last response token, the same way in training and whenever the saved model is used."""
+    attn = attn_implementation(device)
+    if model_name_or_path == "toy":
+        config = toy.toy_config(tokenizer)
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(model_name_or_path)
+        except (OSError, ValueError) as e:
+            fail(f"reward model '{model_name_or_path}' not found ({str(e).splitlines()[0]})")
+        architectures = config.architectures or []
+        if not from_causal_lm and not any(a.endswith("ForSequenceClassification") for a in architectures):
+            fail(f"'{model_name_or_path}' is not a sequence-classification model (architectures: {architectures}); "
+                 "train one with reward_model.py or pass an AutoModelForSequenceClassification checkpoint")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_name_or_path, num_labels=1, dtype=torch.float32, attn_implementation=attn)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+    return model
+
+
+@torch.no_grad()
+def reward_scores(model, tokenizer, prompts: list, responses: list[str], max_length: int = 1024, batch_size: int = 16) -> torch.Tensor:
+    """Score (prompt, response) texts with a reward model, using its own tokenizer (and chat template, for
+    message prompts), minus the mean reward recorded at training time (config.reward_mean, if centred).
+    The same tokenization as training: prompt and response tokenized apart, EOS appended. (N,) float."""
+    device = next(model.parameters()).device
+    records = [{"prompt": p, "generation1": r} for p, r in zip(prompts, responses)]
+    rows = tokenize_records(records, tokenizer, max_length, max_length // 2)
+    scores = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start: start + batch_size], tokenizer.pad_token_id)
+        out = model(input_ids=batch["generation1_token_ids"].to(device), attention_mask=batch["generation1_attention_mask"].to(device))
+        scores.append(out.logits[:, 0].float().cpu())
+    return torch.cat(scores) - getattr(model.config, "reward_mean", 0.0)
