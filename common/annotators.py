@@ -1,0 +1,332 @@
+"""Online feedback: the policy samples responses to prompts, an annotator labels them.
+
+One interface, two forms (a prompt is text or a list of {"role", "content"} messages; a response is text):
+    score(prompts, responses)               -> a scalar per response                       (setups 3, 5)
+    prefer(prompts, responses1, responses2) -> 1.0 if response1 is better, 0.0 if response2 is,
+                                               0.5 a tie, in between for a judge's probability (setup 7)
+None marks an item whose annotation failed: it is counted and never guessed, so the training loop can drop it.
+`stats` holds running counts for the logs: requests (responses scored + pairs compared), failed (items returned
+as None); the judges add judge_order_agreement / judge_order_disagreement (pairs whose two orders pick the same /
+different responses); the HTTP judge adds unparsable (replies that are not a verdict) and, per attempt, timeout,
+connection_error, http_error and http_<status>, and retries.
+
+Kinds, chosen by `make_annotator(spec)` (the scripts' --annotator):
+    toy                      common.toy.true_reward
+    reward_model:PATH        a sequence-classification model (reward_model.py's output)
+    judge:PATH               a local causal LM, read from the next-token probabilities of its answer
+    http:URL, http(s)://...  an OpenAI-compatible /v1/chat/completions endpoint (vLLM, TGI, hosted APIs)
+    python:MODULE:FUNCTION   FUNCTION(prompts, responses) -> list of floats (verifiable rewards)
+Every pointwise annotator prefers by comparing two scores. The judges ask each pair in both orders, because
+LLM judges favour one position (Zheng et al. 2023, https://arxiv.org/abs/2306.05685, section 3.3).
+"""
+
+import collections
+import concurrent.futures
+import http.client
+import importlib
+import json
+import math
+import numbers
+import os
+import re
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import torch
+
+from common import toy
+from common.batch import pad
+from common.distributed import fail, print0
+from common.model import load_causal_lm, load_reward_model, load_tokenizer, reward_scores
+
+JUDGE_TEMPLATE = (
+    "Which of two responses to a conversation is better: more helpful, more correct and more harmless?\n\n"
+    "[Conversation]\n{prompt}\n\n[Response 1]\n{response1}\n\n[Response 2]\n{response2}\n\n"
+    'Answer with a single digit: "1" if Response 1 is better, "2" if Response 2 is better.\n'
+)
+JUDGE_SCORE_TEMPLATE = (
+    "Rate the response to a conversation for helpfulness, correctness and harmlessness.\n\n"
+    "[Conversation]\n{prompt}\n\n[Response]\n{response}\n\n"
+    "Answer with a single digit from 0 (useless or harmful) to 9 (excellent).\n"
+)
+OPTIONS = {  # make_annotator's options and their defaults (an option given as None keeps its default)
+    "judge_template": JUDGE_TEMPLATE,  # pairwise question: {prompt}, {response1}, {response2}
+    "judge_score_template": JUDGE_SCORE_TEMPLATE,  # pointwise question: {prompt}, {response}
+    "judge_batch_size": 8,  # judge:PATH questions per forward
+    "judge_model": None,  # http: the model name the endpoint serves (required)
+    "judge_api_key_env": "OPENAI_API_KEY",  # http: the environment variable holding the API key
+    "judge_max_concurrency": 8,  # http: requests in flight at once (per process)
+    "judge_timeout": 30.0,  # http: seconds a request may wait on the socket
+    "judge_retries": 2,  # http: extra attempts after a connection error, timeout, 429 or 5xx
+    "judge_backoff": 0.5,  # http: seconds before the first retry, doubled for each next one
+}
+FORMS = "toy, reward_model:PATH, judge:PATH, http:URL (or a URL starting with http:// or https://), python:MODULE:FUNCTION"
+
+
+class Annotator:
+    """The interface. Subclasses write `_score`, and `_prefer` where comparing two scores is not the method."""
+
+    def __init__(self):
+        self.stats = collections.Counter()
+
+    def score(self, prompts: list, responses: list[str]) -> list[float | None]:
+        return self._tally(self._score(list(prompts), list(responses)) if len(prompts) else [])
+
+    def prefer(self, prompts: list, responses1: list[str], responses2: list[str]) -> list[float | None]:
+        return self._tally(self._prefer(list(prompts), list(responses1), list(responses2)) if len(prompts) else [])
+
+    def _score(self, prompts: list, responses: list[str]) -> list[float | None]:
+        raise NotImplementedError(f"{type(self).__name__} has no pointwise form")
+
+    def _prefer(self, prompts: list, responses1: list[str], responses2: list[str]) -> list[float | None]:
+        """Both responses scored in one call: 1.0 / 0.0 by the higher score, 0.5 when equal, None if either failed."""
+        scores = self._score(prompts * 2, responses1 + responses2)
+        scores1, scores2 = scores[: len(prompts)], scores[len(prompts):]
+        return [None if a is None or b is None else 0.5 if a == b else float(a > b) for a, b in zip(scores1, scores2)]
+
+    def _tally(self, values: list) -> list:
+        self.stats["requests"] += len(values)
+        self.stats["failed"] += sum(v is None for v in values)
+        return values
+
+
+class ToyAnnotator(Annotator):
+    def _score(self, prompts, responses):
+        return [toy.true_reward(p, r) for p, r in zip(prompts, responses)]
+
+
+class PythonAnnotator(Annotator):
+    """A user function, e.g. exact match against a reference answer. It may return None for an item it cannot judge."""
+
+    def __init__(self, module: str, function: str):
+        super().__init__()
+        self.name = f"python:{module}:{function}"
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # so `python:my_rewards:f` finds ./my_rewards.py
+        try:
+            imported = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            fail(f"--annotator {self.name}: cannot import module '{e.name}' (searched the current directory and sys.path)")
+        self.function = getattr(imported, function, None)
+        if not callable(self.function):
+            fail(f"--annotator {self.name}: module '{module}' has no function '{function}'")
+
+    def _score(self, prompts, responses):
+        values = self.function(prompts, responses)
+        values = values.tolist() if isinstance(values, torch.Tensor) else values
+        if not isinstance(values, (list, tuple)) or len(values) != len(responses):
+            fail(f"--annotator {self.name} must return a list of {len(responses)} floats (one per response), "
+                 f"got {type(values).__name__}" + (f" of length {len(values)}" if isinstance(values, (list, tuple)) else ""))
+        bad = [v for v in values if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v))]
+        if bad:
+            fail(f"--annotator {self.name} must return finite numbers (or None for a failed item), got {bad[0]!r}")
+        return [None if v is None else float(v) for v in values]
+
+
+class RewardModelAnnotator(Annotator):
+    """Scores with the reward model's own tokenizer and chat template (common.model.reward_scores)."""
+
+    def __init__(self, path: str, device: torch.device):
+        super().__init__()
+        self.tokenizer = load_tokenizer(path)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as in training's mixed precision
+        self.model = load_reward_model(path, self.tokenizer, device).to(device, dtype).eval()
+
+    def _score(self, prompts, responses):
+        return reward_scores(self.model, self.tokenizer, prompts, responses).tolist()
+
+
+def as_text(prompt) -> str:
+    """Message prompts as plain "Role: content" lines, so that a judge reads every conversation the same way."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
+
+
+def check_template(template: str, option: str, **fields) -> str:
+    try:
+        template.format(**fields)
+    except (KeyError, IndexError, ValueError) as e:
+        fail(f"{option} must be a format string with only {{{'}, {'.join(fields)}}} as fields ({type(e).__name__}: {e})")
+    return template
+
+
+def pair_questions(template: str, prompts, responses1, responses2) -> list[str]:
+    """The question for every pair in both orders: all (1, 2) first, then all (2, 1)."""
+    ab = [template.format(prompt=as_text(p), response1=a, response2=b) for p, a, b in zip(prompts, responses1, responses2)]
+    ba = [template.format(prompt=as_text(p), response1=b, response2=a) for p, a, b in zip(prompts, responses1, responses2)]
+    return ab + ba
+
+
+class LocalJudge(Annotator):
+    """A causal LM read from its next-token logits, not its text: P("1") = softmax([logit("1"), logit("2")])[0].
+    prefer = (P("1" | a, b) + 1 - P("1" | b, a)) / 2, so prefer(a, b) = 1 - prefer(b, a) and position bias cancels.
+    score = the expected digit under softmax over the logits of "0".."9". Templates must end where the answer
+    digit comes next (the defaults end with a newline; with a chat template, the assistant turn starts there).
+    Nothing is truncated: the judge's context must hold the whole question."""
+
+    def __init__(self, path: str, device: torch.device, template: str, score_template: str, batch_size: int):
+        super().__init__()
+        self.template = check_template(template, "judge_template", prompt="", response1="", response2="")
+        self.score_template = check_template(score_template, "judge_score_template", prompt="", response="")
+        self.tokenizer, self.device, self.batch_size = load_tokenizer(path), device, batch_size
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.model = load_causal_lm(path, self.tokenizer, device).to(device, dtype).eval()
+        self.verdict_ids = self.answer_ids(["1", "2"])
+        self.digit_ids = self.answer_ids([str(d) for d in range(10)])
+
+    def answer_ids(self, answers: list[str]) -> list[int]:
+        """The token of each answer (the last one, for tokenizers that put a word-start piece before digits)."""
+        ids = [self.tokenizer.encode(a, add_special_tokens=False)[-1] for a in answers]
+        if len(set(ids)) != len(ids):
+            fail(f"judge: the tokenizer does not give {answers} distinct tokens; cannot read the verdict from logits")
+        return ids
+
+    def encode(self, question: str) -> list[int]:
+        if self.tokenizer.chat_template is None:
+            return self.tokenizer.encode(question)
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)  # the template owns the special tokens
+
+    @torch.no_grad()
+    def answer_probs(self, questions: list[str], answer_ids: list[int]) -> torch.Tensor:
+        """(N, len(answer_ids)): the next-token distribution restricted to the answer tokens."""
+        probs = []
+        for start in range(0, len(questions), self.batch_size):
+            ids, mask = pad([self.encode(q) for q in questions[start: start + self.batch_size]], self.tokenizer.pad_token_id, left=True)
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                position_ids=position_ids.to(self.device), logits_to_keep=1).logits[:, -1]  # (B, V)
+            probs.append(logits[:, answer_ids].float().softmax(-1).cpu())
+        return torch.cat(probs)
+
+    def _score(self, prompts, responses):
+        questions = [self.score_template.format(prompt=as_text(p), response=r) for p, r in zip(prompts, responses)]
+        return (self.answer_probs(questions, self.digit_ids) @ torch.arange(10.0)).tolist()
+
+    def _prefer(self, prompts, responses1, responses2):
+        p_first = self.answer_probs(pair_questions(self.template, prompts, responses1, responses2), self.verdict_ids)[:, 0]
+        p_ab, p_ba = p_first[: len(prompts)], p_first[len(prompts):]  # P("1") with a shown first; with b shown first
+        agree = int(((p_ab > 0.5) == (p_ba < 0.5)).sum())
+        self.stats["judge_order_agreement"] += agree
+        self.stats["judge_order_disagreement"] += len(prompts) - agree
+        return ((p_ab + 1 - p_ba) / 2).tolist()
+
+
+def parse_verdict(text) -> float | None:
+    """Strict: exactly "1" or "2" (whitespace aside); anything else is unparsable, never guessed."""
+    return {"1": 1.0, "2": 0.0}.get(text.strip()) if isinstance(text, str) else None
+
+
+def parse_score(text) -> float | None:
+    """Strict: a plain number from 0 to 10, e.g. "7" or "7.5"."""
+    if isinstance(text, str) and re.fullmatch(r"\d+(\.\d+)?", text.strip()) and float(text) <= 10:
+        return float(text)
+    return None
+
+
+def reply_text(body: bytes) -> str | None:
+    try:
+        return json.loads(body)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+class HTTPJudge(Annotator):
+    """An OpenAI-compatible chat endpoint asked with the same templates, answering in text read strictly.
+    Both orders are asked; when they disagree the judge is only showing its position bias, so the pair is a
+    tie (0.5). The API key is read from the environment for each request and kept nowhere else."""
+
+    def __init__(self, url: str, model: str | None, api_key_env: str, template: str, score_template: str,
+                 max_concurrency: int, timeout: float, retries: int, backoff: float):
+        super().__init__()
+        if not url.startswith(("http://", "https://")):
+            fail(f"--annotator http:URL needs a URL starting with http:// or https://, got '{url}'")
+        if not model:
+            fail("--annotator http:URL needs judge_model, the name of the model the endpoint serves")
+        self.url = url if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key_env = model, api_key_env
+        self.template = check_template(template, "judge_template", prompt="", response1="", response2="")
+        self.score_template = check_template(score_template, "judge_score_template", prompt="", response="")
+        self.max_concurrency, self.timeout, self.retries, self.backoff = max_concurrency, timeout, retries, backoff
+        self.lock = threading.Lock()  # stats are counted from the request threads
+        if not os.environ.get(api_key_env):
+            print0(f"judge: ${api_key_env} is not set; requests to {self.url} carry no API key")
+
+    def count(self, key: str):
+        with self.lock:
+            self.stats[key] += 1
+
+    def post(self, question: str) -> bytes | None:
+        """The reply body, or None when every attempt failed. Connection errors, timeouts, 429 and 5xx are retried."""
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": question}],
+                           "temperature": 0.0, "max_tokens": 8}).encode()
+        request = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})
+        if os.environ.get(self.api_key_env):  # unredirected: a redirect never carries the key to another address
+            request.add_unredirected_header("Authorization", f"Bearer {os.environ[self.api_key_env]}")
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.count("retries")
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+                    return reply.read()
+            except urllib.error.HTTPError as e:  # the body is never printed: an error message may quote the key
+                self.count("http_error")
+                self.count(f"http_{e.code}")
+                if e.code != 429 and e.code < 500:
+                    return None  # a client error (bad key, unknown model): retrying cannot help
+            except (OSError, http.client.HTTPException) as e:
+                timed_out = isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError)
+                self.count("timeout" if timed_out else "connection_error")
+        return None
+
+    def ask(self, questions: list[str], parse) -> list[float | None]:
+        with concurrent.futures.ThreadPoolExecutor(self.max_concurrency) as pool:
+            bodies = list(pool.map(self.post, questions))
+        values = [None if body is None else parse(reply_text(body)) for body in bodies]
+        self.stats["unparsable"] += sum(body is not None and value is None for body, value in zip(bodies, values))
+        return values
+
+    def _score(self, prompts, responses):
+        return self.ask([self.score_template.format(prompt=as_text(p), response=r) for p, r in zip(prompts, responses)], parse_score)
+
+    def _prefer(self, prompts, responses1, responses2):
+        verdicts = self.ask(pair_questions(self.template, prompts, responses1, responses2), parse_verdict)
+        preferences = []
+        for ab, ba in zip(verdicts[: len(prompts)], verdicts[len(prompts):]):
+            if ab is None or ba is None:
+                preferences.append(None)
+            elif ab == 1 - ba:
+                self.stats["judge_order_agreement"] += 1
+                preferences.append(ab)
+            else:
+                self.stats["judge_order_disagreement"] += 1
+                preferences.append(0.5)
+        return preferences
+
+
+def make_annotator(spec: str, device: torch.device, **options) -> Annotator:
+    """The annotator named by `spec` (see the module docstring); `options` are OPTIONS' names."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        fail(f"unknown annotator option(s) {unknown}; known: {sorted(OPTIONS)}")
+    o = {**OPTIONS, **{k: v for k, v in options.items() if v is not None}}
+    kind, _, rest = spec.partition(":")
+    if spec == "toy":
+        return ToyAnnotator()
+    if kind in ("http", "https"):
+        url = rest if rest.startswith(("http://", "https://")) else spec
+        return HTTPJudge(url, o["judge_model"], o["judge_api_key_env"], o["judge_template"], o["judge_score_template"],
+                         o["judge_max_concurrency"], o["judge_timeout"], o["judge_retries"], o["judge_backoff"])
+    if kind == "reward_model" and rest:
+        return RewardModelAnnotator(rest, device)
+    if kind == "judge" and rest:
+        return LocalJudge(rest, device, o["judge_template"], o["judge_score_template"], o["judge_batch_size"])
+    module, _, function = rest.partition(":")
+    if kind == "python" and module and function:
+        return PythonAnnotator(module, function)
+    fail(f"unknown --annotator '{spec}'; accepted forms: {FORMS}")
