@@ -24,11 +24,10 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from common import toy
-from common.batch import BatchFactory, collate, to_device, tokenize_records
+from common.batch import BatchFactory, to_device, tokenize_records
 from common.data import load_records
 from common.distributed import (Tracker, all_reduce, cleanup, init_distributed, is_main, load_checkpoint, print0,
                                 save_checkpoint, save_pretrained, shard_model)
-from common.generation import generate
 from common.model import load_causal_lm, load_tokenizer, response_logps
 
 
@@ -38,7 +37,7 @@ class Args:
     exp_name: str = "sft"
     """name of the run (wandb run name prefix)"""
     seed: int = 1
-    """seed for initialisation and data order"""
+    """seed for data order and sampling"""
     output_dir: str = "runs/sft"
     """where the final model, args.json, metrics.jsonl and checkpoints go"""
     track: bool = False
@@ -93,19 +92,8 @@ class Args:
     """sampling temperature for eval/reward (1.0 measures the policy itself, not its mode)"""
 
 
-def evaluate(model, tokenizer, eval_batch, args, device) -> dict:
-    """Mean true reward of sampled responses to held-out prompts, over all processes."""
-    generator = torch.Generator(device).manual_seed(args.seed)  # own generator: evaluation never moves the training RNG
-    response_ids, response_mask, tokens_per_s = generate(
-        model, eval_batch["prompt_token_ids"], eval_batch["prompt_attention_mask"], max_new_tokens=16,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, temperature=args.eval_temperature, generator=generator)
-    responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-    reward = sum(toy.true_reward(p, r) for p, r in zip(eval_batch["prompt"], responses))
-    return {"eval/reward": all_reduce(reward).item() / args.num_eval_prompts, "eval/generated_tokens_per_s": tokens_per_s}
-
-
 def main(args: Args):
-    rank, world_size, device = init_distributed(args.seed)
+    _, world_size, device = init_distributed(args.seed)
     global_batch_size = args.per_device_batch_size * args.gradient_accumulation_steps * world_size
     print0(f"{world_size} process(es) on {device.type}; global batch {global_batch_size} = {args.per_device_batch_size} "
            f"per device x {args.gradient_accumulation_steps} accumulation x {world_size} processes")
@@ -115,10 +103,7 @@ def main(args: Args):
     print0(f"model: {args.model_name_or_path}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     rows = tokenize_records(load_records(args.dataset, args.dataset_split, "sft"), tokenizer, args.max_length, args.max_prompt_length)
     factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed)
-    eval_batch = None
-    if args.dataset == "toy":
-        eval_rows = tokenize_records(toy.records("test", "prompt")[: args.num_eval_prompts], tokenizer, args.max_length, args.max_prompt_length)
-        eval_batch = to_device(collate(eval_rows[rank::world_size], tokenizer.pad_token_id), device)
+    eval_batch = toy.eval_batch(tokenizer, args.num_eval_prompts, device) if args.dataset == "toy" else None
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
@@ -128,7 +113,7 @@ def main(args: Args):
         factory.load_state_dict(data_state)
     tracker = Tracker(args, resume_step=start_step if args.resume else None)
     if eval_batch is not None and start_step == 0:
-        tracker.log(0, evaluate(model, tokenizer, eval_batch, args, device))
+        tracker.log(0, toy.evaluate(model, tokenizer, eval_batch, args.num_eval_prompts, args.eval_temperature, args.seed))
 
     model.train()
     for step in tqdm(range(start_step, args.max_steps), disable=not is_main(), initial=start_step, total=args.max_steps):
@@ -165,7 +150,7 @@ def main(args: Args):
                 "train/tokens_per_s": num_tokens / (time.perf_counter() - step_start),
             })
         if eval_batch is not None and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
-            metrics = evaluate(model, tokenizer, eval_batch, args, device)
+            metrics = toy.evaluate(model, tokenizer, eval_batch, args.num_eval_prompts, args.eval_temperature, args.seed)
             tracker.log(step + 1, metrics)
             print0(f"step {step + 1}: eval/reward {metrics['eval/reward']:.3f}")
         if args.save_every and (step + 1) % args.save_every == 0:

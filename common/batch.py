@@ -8,8 +8,10 @@ A batch is a dict with these keys (DESIGN.md); generation2_* only for pairwise d
   generation1_token_ids, _attention_mask  (B, T)      prompt + response tokens, right-padded
   generation1_reward                      (B,) float  or None where the setup has no reward
   generation1_weight                      (B,) float  weight of the example in the loss (default 1.0)
-and one field of our own, for the losses:
+and fields of our own, for the losses:
   generation1_response_mask               (B, T) bool True exactly at the response tokens (EOS included)
+  generation1_reference_logps             (B,) float  sum of the response's log-probs under the reference
+                                                      (only where precomputed: common/model.add_reference_logps)
 generation1 and generation2 are padded to the same length T so they can be concatenated in one forward.
 
 Tokenization: prompt and response are tokenized separately and concatenated, so the response tokens are
@@ -114,6 +116,8 @@ def collate(rows: list[dict], pad_token_id: int) -> dict:
         batch[f"{g}_token_ids"], batch[f"{g}_attention_mask"], batch[f"{g}_response_mask"] = ids, mask, response_mask
         batch[f"{g}_reward"] = None if None in rewards else torch.tensor(rewards, dtype=torch.float)
         batch[f"{g}_weight"] = torch.tensor([r[f"{g}_weight"] for r in rows], dtype=torch.float)
+        if f"{g}_reference_logps" in rows[0]:
+            batch[f"{g}_reference_logps"] = torch.tensor([r[f"{g}_reference_logps"] for r in rows], dtype=torch.float)
     return batch
 
 
@@ -145,6 +149,11 @@ class BatchFactory:
         self.step += 1
         return [collate(rows[k: k + self.micro_batch_size], self.pad_token_id) for k in range(0, share, self.micro_batch_size)]
 
+    def rows_until(self, max_steps: int) -> list[dict]:
+        """Every row that steps [0, max_steps) will serve, on any process (e.g. to precompute something for them)."""
+        positions = range(max_steps * self.micro_batch_size * self.gradient_accumulation_steps * self.world_size)
+        return [self.rows[i] for i in sorted({self.index(p) for p in positions})]
+
     def index(self, position: int) -> int:
         epoch, i = divmod(position, len(self.rows))
         if epoch != self.epoch:
@@ -159,4 +168,4 @@ class BatchFactory:
 
 
 def row_length(row: dict) -> int:
-    return len(row["prompt_ids"]) + max(len(row[f"{g}_response_ids"]) for g in GENERATIONS if f"{g}_response_ids" in row)
+    return len(row["prompt_ids"]) + max((len(row[f"{g}_response_ids"]) for g in GENERATIONS if f"{g}_response_ids" in row), default=0)

@@ -80,12 +80,26 @@ def load_records(dataset: str, split: str, kind: str) -> list[dict]:
     return records
 
 
+def load_eval_records(dataset: str, eval_dataset: str | None, eval_split: str, kind: str, limit: int) -> list[dict] | None:
+    """Held-out records: `eval_dataset` when given, else --dataset's `eval_split` (toy, built-in or hub;
+    a local file has no other split, so it gets no evaluation). At most `limit` records."""
+    if eval_dataset is None and is_local(dataset):
+        print0(f"no evaluation: {dataset} is a local file (pass --eval_dataset for held-out data)")
+        return None
+    records = load_records(eval_dataset or dataset, eval_split, kind)
+    return records[:limit]
+
+
+def is_local(dataset: str) -> bool:
+    return os.path.splitext(dataset.removesuffix(".gz"))[1] in FILE_BUILDERS or os.path.exists(dataset)
+
+
 def load_table(dataset: str, split: str) -> datasets.Dataset:
     if dataset in BUILTIN:
         hub_id, splits = BUILTIN[dataset]
         dataset, split = hub_id, splits.get(split, split)
     ext = os.path.splitext(dataset.removesuffix(".gz"))[1]
-    if ext in FILE_BUILDERS or os.path.exists(dataset):
+    if is_local(dataset):
         if not os.path.isfile(dataset):
             fail(f"dataset file '{dataset}' does not exist (give a .jsonl/.json/.parquet/.csv file, a hub id or one of: toy, {', '.join(BUILTIN)})")
         if ext not in FILE_BUILDERS:

@@ -106,7 +106,7 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, dat
     dist.barrier()
     if is_main():
         tmp.rename(final)
-        for old in checkpoints(output_dir)[:-keep]:
+        for old in checkpoints(output_dir)[: -max(keep, 1)]:
             shutil.rmtree(old)
     dist.barrier()
 

@@ -1,14 +1,16 @@
 """Loading tokenizers and causal LMs (the toy model or any transformers checkpoint) and log-prob gathering."""
 
 import importlib.util
+import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from common import toy
-from common.batch import collate, tokenize_records
-from common.distributed import fail
+from common.batch import GENERATIONS, collate, to_device, tokenize_records
+from common.distributed import all_reduce, fail
 
 
 def attn_implementation(device: torch.device) -> str:
@@ -30,10 +32,13 @@ def load_tokenizer(model_name_or_path: str):
 
 
 def load_causal_lm(model_name_or_path: str, tokenizer, device: torch.device, gradient_checkpointing: bool = False):
-    """fp32 weights (the FSDP2 master copy; compute is bf16 on CUDA). `toy` is a fresh random tiny Llama."""
+    """fp32 weights (the FSDP2 master copy; compute is bf16 on CUDA). `toy` is a random tiny Llama, the
+    same every time it is made (so a reference model made later equals the initial policy)."""
     attn = attn_implementation(device)
     if model_name_or_path == "toy":
-        model = AutoModelForCausalLM.from_config(toy.toy_config(tokenizer), attn_implementation=attn)
+        with torch.random.fork_rng(devices=[]):  # built on the CPU
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(toy.toy_config(tokenizer), attn_implementation=attn)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch.float32, attn_implementation=attn)
@@ -68,7 +73,9 @@ def load_reward_model(model_name_or_path: str, tokenizer, device: torch.device, 
     if model_name_or_path == "toy":
         config = toy.toy_config(tokenizer)
         config.num_labels = 1
-        model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn)
+        with torch.random.fork_rng(devices=[]):  # built on the CPU
+            torch.manual_seed(0)
+            model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn)
     else:
         try:
             config = AutoConfig.from_pretrained(model_name_or_path)
@@ -99,3 +106,26 @@ def reward_scores(model, tokenizer, prompts: list, responses: list[str], max_len
         out = model(input_ids=batch["generation1_token_ids"].to(device), attention_mask=batch["generation1_attention_mask"].to(device))
         scores.append(out.logits[:, 0].float().cpu())
     return torch.cat(scores) - getattr(model.config, "reward_mean", 0.0)
+
+
+@torch.no_grad()
+def add_reference_logps(model, rows: list[dict], pad_token_id: int, batch_size: int):
+    """Store each response's summed log-prob under `model` in its row, as `{generation}_reference_logps`,
+    so training needs no reference model in memory. Each process scores an equal share (FSDP forwards
+    are collectives, so every process runs the same number), and a sum over processes gives everyone all."""
+    generations = [g for g in GENERATIONS if f"{g}_response_ids" in rows[0]]
+    rank, world_size, device = dist.get_rank(), dist.get_world_size(), next(model.parameters()).device
+    share = math.ceil(len(rows) / world_size)
+    mine = list(range(rank * share, min(len(rows), (rank + 1) * share)))
+    logps = torch.zeros(len(rows), len(generations), dtype=torch.float64)
+    for start in range(0, share, batch_size):
+        index = mine[start: start + batch_size]
+        batch = to_device(collate([rows[i] for i in index or [0]], pad_token_id), device)  # a dummy batch keeps forwards in step
+        # every generation of the batch in one forward (collate pads them to the same length)
+        ids, attention_mask, response_mask = (torch.cat([batch[f"{g}_{key}"] for g in generations]) for key in ("token_ids", "attention_mask", "response_mask"))
+        sums = response_logps(model, ids, attention_mask, response_mask)[0].sum(-1).view(len(generations), -1)  # (G, B)
+        logps[index] = sums[:, : len(index)].T.double().cpu()
+    logps = all_reduce(logps)
+    for i, row in enumerate(rows):
+        for k, g in enumerate(generations):
+            row[f"{g}_reference_logps"] = logps[i, k].item()

@@ -12,7 +12,13 @@ common/toy_tokenizer/ and a ~0.9M-parameter Llama made from `toy_config`.
 import random
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from transformers import LlamaConfig
+
+from common.batch import collate, to_device, tokenize_records
+from common.distributed import all_reduce
+from common.generation import generate
 
 TOKENIZER_DIR = Path(__file__).parent / "toy_tokenizer"  # every printable ASCII character is one token
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -80,3 +86,22 @@ def records(split: str, kind: str) -> list[dict]:
             row.update(generation1=a, generation2=b, generation1_reward=1.0, generation2_reward=0.0)
         out.append(row)
     return out
+
+
+def eval_batch(tokenizer, num_prompts: int, device: torch.device) -> dict:
+    """This process's share of the first num_prompts held-out prompts, as one batch."""
+    rows = tokenize_records(records("test", "prompt")[:num_prompts], tokenizer, max_length=64, max_prompt_length=32)
+    return to_device(collate(rows[dist.get_rank():: dist.get_world_size()], tokenizer.pad_token_id), device)
+
+
+def evaluate(model, tokenizer, batch: dict, num_prompts: int, temperature: float = 1.0, seed: int = 0) -> dict:
+    """eval/reward: mean true reward of responses sampled at `temperature` (1.0 measures the policy itself,
+    not its mode), over all processes. Uses its own generator, so evaluating never moves the training RNG."""
+    generator = torch.Generator(batch["prompt_token_ids"].device).manual_seed(seed)
+    response_ids, response_mask, tokens_per_s = generate(
+        model, batch["prompt_token_ids"], batch["prompt_attention_mask"], max_new_tokens=16, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, temperature=temperature, generator=generator)
+    responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    reward = sum(true_reward(p, r) for p, r in zip(batch["prompt"], responses))
+    return {"eval/reward": all_reduce(reward).item() / num_prompts, "eval/generated_tokens_per_s": tokens_per_s,
+            "eval/response_length": all_reduce(response_mask.sum()).item() / num_prompts}
