@@ -13,14 +13,20 @@ For each pair, with y+ the preferred response (the generation with the higher re
 
 https://arxiv.org/abs/2305.18290  https://arxiv.org/abs/2310.12036  https://ericmitchell.ai/cdpo.pdf
 
+Offline, the pairs come from the dataset. --online: each step samples two responses per dataset prompt
+from the policy being trained and the annotator (--annotator) says which is better.
+
     python sft.py --output_dir runs/sft && python dpo_pairwise.py --model_name_or_path runs/sft
-    torchrun --nproc_per_node 8 dpo_pairwise.py --model_name_or_path runs/sft-hh --dataset hh \
-        --learning_rate 5e-7 --per_device_batch_size 4 --max_steps 2000 --output_dir runs/dpo-hh
+    python dpo_pairwise.py --model_name_or_path runs/sft --online
+    torchrun --nproc_per_node 8 dpo_pairwise.py --model_name_or_path runs/sft-hh --dataset hh --online \
+        --annotator reward_model:runs/rm-hh --max_new_tokens 256 --learning_rate 5e-7 --per_device_batch_size 4
 
 Departures from the paper:
 1. The reference is the initial policy. Offline, its log-probs are computed once before training
    (--precompute_ref_logps) and the reference model is dropped, so training holds one model.
 2. A pair's weight is the mean of its two generations' weights.
+3. Online, pairs the annotator calls a tie, or fails on, are dropped (and counted), and more prompts are
+   sampled, so every step trains on a full batch of labelled pairs.
 """
 
 import time
@@ -34,10 +40,11 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from common import toy
-from common.batch import BatchFactory, collate, to_device, tokenize_records
+from common.annotators import make_annotator
+from common.batch import BatchFactory, OnlineBatchFactory, collate, to_device, tokenize_records
 from common.data import load_eval_records, load_records
-from common.distributed import (Tracker, all_reduce, cleanup, init_distributed, is_main, load_checkpoint, print0,
-                                save_checkpoint, save_pretrained, shard_model)
+from common.distributed import (Tracker, all_reduce, cleanup, fail, init_distributed, is_main, load_checkpoint, print0,
+                                save_checkpoint, save_pretrained, shard_model, sum_counters)
 from common.model import add_reference_logps, load_causal_lm, load_tokenizer, response_logps
 
 
@@ -108,6 +115,26 @@ class Args:
     """drop the reference: ref_logratios = 0"""
     precompute_ref_logps: bool = True
     """offline: score every pair with the reference once before training instead of keeping a reference model"""
+
+    # online
+    online: bool = False
+    """sample pairs from the policy and label them with --annotator, instead of the dataset's pairs"""
+    annotator: str = "toy"
+    """toy, reward_model:PATH, judge:PATH, http:URL, or python:MODULE:FUNCTION (common/annotators.py)"""
+    max_new_tokens: int = 16
+    """longest sampled response in tokens"""
+    temperature: float = 1.0
+    """sampling temperature"""
+    top_p: float = 1.0
+    """nucleus sampling: keep the smallest set of tokens with this much probability"""
+    judge_model: str | None = None
+    """http judge: the model name the endpoint serves"""
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    """http judge: environment variable that holds the API key (the key itself is never logged or saved)"""
+    judge_timeout: float = 30.0
+    """http judge: seconds before a request times out (then retried, then counted as failed)"""
+    judge_max_concurrency: int = 8
+    """http judge: requests in flight at once per process"""
 
     # evaluation
     eval_every: int = 50
@@ -183,16 +210,26 @@ def main(args: Args):
 
     tokenizer = load_tokenizer(args.model_name_or_path)
     policy = shard_model(load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing), device)
-    rows = tokenize_records(load_records(args.dataset, args.dataset_split, "pairwise"), tokenizer, args.max_length, args.max_prompt_length)
-    eval_records = load_eval_records(args.dataset, args.eval_dataset, args.eval_split, "pairwise", args.num_eval_pairs)
     eval_rows = []
-    if eval_records:
-        eval_rows = tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length)
-        eval_rows = eval_rows[: len(eval_rows) // world_size * world_size]  # equal shares: FSDP forwards are collectives
-    factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed)
+    if args.online:  # prompts only; the pairs are sampled and annotated every step
+        if args.annotator == "toy" and args.dataset != "toy":
+            fail("--annotator toy scores only the toy task; choose an annotator for this dataset (see --help)")
+        annotator = make_annotator(args.annotator, device, judge_model=args.judge_model, judge_api_key_env=args.judge_api_key_env,
+                                   judge_timeout=args.judge_timeout, judge_max_concurrency=args.judge_max_concurrency)
+        factory = OnlineBatchFactory(
+            load_records(args.dataset, args.dataset_split, "prompt"), tokenizer, policy, annotator, True, args.max_prompt_length,
+            args.max_new_tokens, args.temperature, args.top_p, args.per_device_batch_size, args.gradient_accumulation_steps,
+            args.seed, sample_reward=toy.true_reward if args.dataset == "toy" else None)
+    else:
+        rows = tokenize_records(load_records(args.dataset, args.dataset_split, "pairwise"), tokenizer, args.max_length, args.max_prompt_length)
+        factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed)
+        eval_records = load_eval_records(args.dataset, args.eval_dataset, args.eval_split, "pairwise", args.num_eval_pairs)
+        if eval_records:
+            eval_rows = tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length)
+            eval_rows = eval_rows[: len(eval_rows) // world_size * world_size]  # equal shares: FSDP forwards are collectives
     # the reference is the initial policy, loaded again (so --resume gets it too) and frozen
     reference = None if args.reference_free else shard_model(load_causal_lm(args.model_name_or_path, tokenizer, device), device, trainable=False).eval()
-    if reference is not None and args.precompute_ref_logps:
+    if reference is not None and args.precompute_ref_logps and not args.online:
         start, used = time.perf_counter(), factory.rows_until(args.max_steps) + eval_rows  # only the pairs this run will see
         add_reference_logps(reference, used, tokenizer.pad_token_id, args.per_device_batch_size)
         print0(f"reference log-probs of {len(used)} pairs in {time.perf_counter() - start:.1f} s")
@@ -221,7 +258,7 @@ def main(args: Args):
     policy.train()
     for step in tqdm(range(start_step, args.max_steps), disable=not is_main(), initial=start_step, total=args.max_steps):
         step_start = time.perf_counter()
-        # 1. get batch: this process's micro-batches of pairs for one optimizer step
+        # 1. get batch: this process's micro-batches of pairs for one optimizer step (sampled + annotated when --online)
         batches = [to_device(b, device) for b in factory.next_step()]
         num_pairs = all_reduce(sum(len(b["prompt"]) for b in batches)).item()
         sums = torch.zeros(6)
@@ -253,6 +290,9 @@ def main(args: Args):
                 "train/grad_norm": grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm,
                 "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": num_tokens / elapsed, "train/pairs_per_s": num_pairs / elapsed,
             })
+            if args.online:
+                tracker.log(step + 1, factory.metrics() | {f"annotator/{k}": v for k, v in sum_counters(annotator.stats).items()})
+                tracker.log_samples(step + 1, factory.samples)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
             metrics = evaluate()
             tracker.log(step + 1, metrics)

@@ -22,10 +22,15 @@ tokenizer's chat template, which then owns the special tokens; text prompts get 
 (e.g. BOS).
 """
 
+import math
+import time
+from collections import Counter
+
 import torch
 import torch.distributed as dist
 
-from common.distributed import fail, print0
+from common.distributed import all_reduce, fail, print0
+from common.generation import generate
 
 GENERATIONS = ("generation1", "generation2")
 
@@ -169,3 +174,123 @@ class BatchFactory:
 
 def row_length(row: dict) -> int:
     return len(row["prompt_ids"]) + max((len(row[f"{g}_response_ids"]) for g in GENERATIONS if f"{g}_response_ids" in row), default=0)
+
+
+class OnlineBatchFactory:
+    """Online batches, same interface as BatchFactory: the dataset's prompts only (in the same seeded
+    stream) -> samples from the current policy -> annotator -> batch.
+
+    pairwise (two samples per prompt): annotator.prefer gives generation1_reward 1.0 if generation1 is
+    preferred, else 0.0 (generation2_reward the opposite); ties and failed verdicts are dropped and counted.
+    pointwise (one sample): annotator.score gives generation1_reward; failed scores are dropped and counted.
+    Every step is filled with exactly micro_batch_size * gradient_accumulation_steps kept examples on each
+    process (FSDP needs every process to run the same number of forwards): when examples are dropped,
+    more prompts are sampled, in rounds all processes take together, each sized by the rate kept so far.
+    If max_rounds are not enough (a policy so sure of itself that its two samples tie), the step is filled
+    with dropped examples at weight 0: they carry no preference, and contribute nothing to the loss.
+    A step on which the annotator failed on every example stops the run with its stats.
+    Samples come from the policy as it is at this step (on-policy); extra kept examples are discarded.
+    `metrics()` returns what happened since the last call, for the log.
+    """
+
+    def __init__(self, prompt_records: list[dict], tokenizer, policy, annotator, pairwise: bool, max_prompt_length: int,
+                 max_new_tokens: int, temperature: float, top_p: float, micro_batch_size: int,
+                 gradient_accumulation_steps: int, seed: int, sample_reward=None, max_rounds: int = 8):
+        rows = tokenize_records(prompt_records, tokenizer, max_prompt_length + 1, max_prompt_length)
+        for row, record in zip(rows, prompt_records):
+            row["raw_prompt"] = record["prompt"]  # the annotator gets the prompt as the data has it, not as our template renders it
+        self.prompts = BatchFactory(rows, tokenizer.pad_token_id, micro_batch_size, gradient_accumulation_steps, seed)
+        self.tokenizer, self.policy, self.annotator, self.pairwise = tokenizer, policy, annotator, pairwise
+        self.max_new_tokens, self.temperature, self.top_p, self.max_rounds = max_new_tokens, temperature, top_p, max_rounds
+        self.micro_batch_size, self.sample_reward = micro_batch_size, sample_reward
+        self.need = micro_batch_size * gradient_accumulation_steps
+        self.keep_rate, self.stats, self.samples = 1.0, Counter(), []
+
+    def next_step(self) -> list[dict]:
+        device = next(self.policy.parameters()).device
+        kept, dropped, failed = [], [], 0
+        for _ in range(self.max_rounds):
+            missing = all_reduce(self.need - len(kept), op=dist.ReduceOp.MAX).item()  # the same number of rounds everywhere
+            if missing <= 0:
+                break
+            num_prompts = min(math.ceil(missing / max(self.keep_rate, 0.1)), 4 * self.need)
+            rows, rows_dropped, rows_failed = self.sample(num_prompts, device)
+            self.keep_rate = 0.5 * self.keep_rate + 0.5 * len(rows) / num_prompts
+            kept, dropped, failed = kept + rows, dropped + rows_dropped, failed + rows_failed
+        if all_reduce(failed < len(kept) + len(dropped), op=dist.ReduceOp.MIN).item() == 0:  # together, or the others would hang
+            fail(f"the annotator failed on every example of a step; annotator stats: {dict(self.annotator.stats)}")
+        if len(kept) < self.need:  # still short (a policy so sure that its samples tie): pad with dropped rows at weight 0
+            self.stats["padded"] += self.need - len(kept)
+            kept += dropped[: self.need - len(kept)]
+        kept = sorted(kept[: self.need], key=row_length)  # grouped by length: less padding
+        return [collate(kept[k: k + self.micro_batch_size], self.tokenizer.pad_token_id) for k in range(0, self.need, self.micro_batch_size)]
+
+    def sample(self, num_prompts: int, device) -> tuple[list[dict], list[dict], int]:
+        """Sample and annotate num_prompts prompts: (kept rows, dropped rows at weight 0, number failed)."""
+        prompt_rows = []
+        while len(prompt_rows) < num_prompts:  # whole steps of the prompt stream, so its position stays a step count
+            prompt_rows += [self.prompts.rows[self.prompts.index(i)] for i in self.stream_positions()]
+        prompt_rows = prompt_rows[:num_prompts]
+        num_generations = 2 if self.pairwise else 1
+        batch = collate([r for r in prompt_rows for _ in range(num_generations)], self.tokenizer.pad_token_id)  # each prompt n times, adjacent
+        start = time.perf_counter()
+        response_ids, response_mask, _ = generate(
+            self.policy, batch["prompt_token_ids"].to(device), batch["prompt_attention_mask"].to(device), self.max_new_tokens,
+            self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.temperature, self.top_p)
+        self.stats["generation_seconds"] += time.perf_counter() - start
+        ids = [row[mask.bool()].tolist() for row, mask in zip(response_ids.cpu(), response_mask.cpu())]
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        self.stats["generated_tokens"] += sum(map(len, ids))
+        self.stats["responses"] += len(ids)
+        self.stats["eos"] += sum(r[-1:] == [self.tokenizer.eos_token_id] for r in ids)
+        if self.sample_reward is not None:
+            self.stats["sample_reward"] += sum(self.sample_reward(p, t) for p, t in zip(batch["prompt"], texts))
+        raw_prompts = [r["raw_prompt"] for r in prompt_rows]
+        if self.pairwise:
+            verdicts = self.annotator.prefer(raw_prompts, texts[0::2], texts[1::2])
+            rewards = [None if v is None or v == 0.5 else [float(v > 0.5), float(v < 0.5)] for v in verdicts]
+            self.stats["ties"] += sum(v == 0.5 for v in verdicts)
+        else:
+            rewards = [None if s is None else [s] for s in self.annotator.score(raw_prompts, texts)]
+        self.stats["failed"] += sum(v is None for v in (verdicts if self.pairwise else rewards))
+        kept, dropped = [], []
+        for i, (row, reward) in enumerate(zip(prompt_rows, rewards)):
+            out = {"prompt": row["prompt"], "prompt_ids": row["prompt_ids"]}
+            for k, g in enumerate(GENERATIONS[:num_generations]):
+                n = i * num_generations + k
+                out |= {f"{g}_response_only": texts[n], f"{g}_response_ids": ids[n],
+                        f"{g}_reward": 0.5 if reward is None else reward[k], f"{g}_weight": 0.0 if reward is None else 1.0}
+            (dropped if reward is None else kept).append(out)
+        self.stats["examples"] += len(prompt_rows)
+        self.stats["kept"] += len(kept)
+        self.samples = [(raw_prompts[i], texts[i * num_generations: (i + 1) * num_generations], rewards[i]) for i in range(min(3, len(prompt_rows)))]
+        return kept, dropped, sum(v is None for v in (verdicts if self.pairwise else rewards))
+
+    def stream_positions(self) -> range:
+        """This process's positions in the prompt stream for the next step of it (as the offline factory reads them)."""
+        share = self.prompts.micro_batch_size * self.prompts.gradient_accumulation_steps
+        start = self.prompts.step * share * self.prompts.world_size + self.prompts.rank * share
+        self.prompts.step += 1
+        return range(start, start + share)
+
+    def metrics(self) -> dict:
+        """Means over all processes since the last call, under online/."""
+        keys = ["responses", "generated_tokens", "eos", "examples", "kept", "ties", "failed", "padded", "generation_seconds", "sample_reward"]
+        totals = dict(zip(keys, all_reduce([float(self.stats[k]) for k in keys]).tolist()))
+        self.stats.clear()
+        responses, examples = max(totals["responses"], 1), max(totals["examples"], 1)
+        metrics = {
+            "online/response_length": totals["generated_tokens"] / responses, "online/eos_rate": totals["eos"] / responses,
+            "online/kept_fraction": totals["kept"] / examples, "online/ties": totals["ties"] / examples,
+            "online/failed": totals["failed"] / examples, "online/padded": totals["padded"],
+            "online/generated_tokens_per_s": totals["generated_tokens"] / max(totals["generation_seconds"], 1e-9) / dist.get_world_size(),
+        }
+        if self.sample_reward is not None:
+            metrics["online/sample_reward"] = totals["sample_reward"] / responses
+        return metrics
+
+    def state_dict(self) -> dict:
+        return self.prompts.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.prompts.load_state_dict(state)

@@ -77,6 +77,17 @@ def all_reduce(value, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return tensor.cpu()
 
 
+def sum_counters(counter: dict) -> dict:
+    """Sum dicts of counts over all processes (their keys may differ)."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(counter))
+    total = {}
+    for counts in gathered:
+        for key, value in counts.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 def save_pretrained(model, tokenizer, output_dir: str):
     """Gather the full state dict (a collective: every rank calls this) and save it on rank 0 as
     safetensors + config + tokenizer, loadable with `from_pretrained`."""
@@ -176,6 +187,17 @@ class Tracker:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+
+    def log_samples(self, step: int, samples: list[tuple]):
+        """A few (prompt, responses, rewards) examples: a wandb.Table under --track, else printed."""
+        if not self.enabled or not samples:
+            return
+        if self.wandb is not None:
+            table = self.wandb.Table(columns=["prompt", "responses", "rewards"], data=[[str(p), repr(r), repr(w)] for p, r, w in samples])
+            self.wandb.log({"samples": table}, step=step)
+        else:
+            for prompt, responses, rewards in samples:
+                print(f"  sample @ {step}: {str(prompt)[-200:]!r} -> {[r[:200] for r in responses]} rewards {rewards}", flush=True)
 
     def finish(self):
         if self.enabled and self.wandb is not None:

@@ -58,7 +58,7 @@ def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     keep = input_ids.shape[1] - first + 1  # logits at positions first-1 .. T-1 (the last one is unused)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1]  # (B, K, V)
     labels, mask = input_ids[:, first:], response_mask[:, first:]
-    logps = -F.cross_entropy(logits.transpose(1, 2).float(), labels, reduction="none")  # (B, K)
+    logps = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view(labels.shape)  # (B, K)
     return logps * mask, mask
 
 

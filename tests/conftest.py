@@ -67,3 +67,11 @@ def run_script(script: str, *args: str, nproc: int = 1, check: bool = True, env:
 
 def read_metrics(output_dir) -> list[dict]:
     return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="session")
+def sft_model(tmp_path_factory):
+    """`python sft.py` with its toy defaults, run once: the starting point of the alignment tests."""
+    output_dir = tmp_path_factory.mktemp("sft")
+    run_script("sft.py", "--output_dir", str(output_dir))
+    return output_dir
