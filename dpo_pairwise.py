@@ -85,14 +85,16 @@ class Args:
     """longest prompt + response in tokens"""
     max_prompt_length: int = 256
     """longest prompt in tokens (longer prompts keep their end)"""
+    group_by_length: bool = True
+    """batch examples of similar length together (less padding); the order of batches stays random"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
 
     # optimization
-    max_steps: int = 200
+    max_steps: int = 150
     """optimizer steps"""
-    learning_rate: float = 3e-4
-    """peak learning rate of AdamW"""
+    learning_rate: float | None = None
+    """peak learning rate of AdamW (default: 1e-5 offline, 2e-4 with --online, where the pairs move with the policy)"""
     per_device_batch_size: int = 32
     """pairs per micro-batch on each process"""
     gradient_accumulation_steps: int = 1
@@ -203,10 +205,12 @@ def evaluate_pairs(policy, reference, eval_batches, num_pairs, args) -> dict:
 
 
 def main(args: Args):
+    if args.learning_rate is None:  # offline DPO over-optimises a fixed dataset at rates that online DPO takes in its stride
+        args.learning_rate = 2e-4 if args.online else 1e-5
     rank, world_size, device = init_distributed(args.seed)
     global_batch_size = args.per_device_batch_size * args.gradient_accumulation_steps * world_size
     print0(f"{world_size} process(es) on {device.type}; global batch {global_batch_size} pairs = {args.per_device_batch_size} "
-           f"per device x {args.gradient_accumulation_steps} accumulation x {world_size} processes")
+           f"per device x {args.gradient_accumulation_steps} accumulation x {world_size} processes; learning rate {args.learning_rate}")
 
     tokenizer = load_tokenizer(args.model_name_or_path)
     policy = shard_model(load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing), device)
@@ -219,10 +223,10 @@ def main(args: Args):
         factory = OnlineBatchFactory(
             load_records(args.dataset, args.dataset_split, "prompt"), tokenizer, policy, annotator, True, args.max_prompt_length,
             args.max_new_tokens, args.temperature, args.top_p, args.per_device_batch_size, args.gradient_accumulation_steps,
-            args.seed, sample_reward=toy.true_reward if args.dataset == "toy" else None)
+            args.seed, sample_reward=toy.true_reward if args.dataset == "toy" else None, group_by_length=args.group_by_length)
     else:
         rows = tokenize_records(load_records(args.dataset, args.dataset_split, "pairwise"), tokenizer, args.max_length, args.max_prompt_length)
-        factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed)
+        factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed, args.group_by_length)
         eval_records = load_eval_records(args.dataset, args.eval_dataset, args.eval_split, "pairwise", args.num_eval_pairs)
         if eval_records:
             eval_rows = tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length)

@@ -76,6 +76,8 @@ class Args:
     """longest prompt + response in tokens"""
     max_prompt_length: int = 256
     """longest prompt in tokens (longer prompts keep their end)"""
+    group_by_length: bool = True
+    """batch examples of similar length together (less padding); the order of batches stays random"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
 
@@ -151,7 +153,7 @@ def main(args: Args):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = shard_model(model, device)
     rows = tokenize_records(load_records(args.dataset, args.dataset_split, "pairwise"), tokenizer, args.max_length, args.max_prompt_length)
-    factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed)
+    factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed, args.group_by_length)
 
     def batches_of(held_rows):  # this process's equal share of some rows (FSDP forwards are collectives), batched
         held_rows = held_rows[: len(held_rows) // world_size * world_size][rank::world_size]

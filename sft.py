@@ -64,6 +64,8 @@ class Args:
     """longest prompt + response in tokens"""
     max_prompt_length: int = 256
     """longest prompt in tokens (longer prompts keep their end)"""
+    group_by_length: bool = True
+    """batch examples of similar length together (less padding); the order of batches stays random"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
 
@@ -102,7 +104,7 @@ def main(args: Args):
     model = shard_model(load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing), device)
     print0(f"model: {args.model_name_or_path}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     rows = tokenize_records(load_records(args.dataset, args.dataset_split, "sft"), tokenizer, args.max_length, args.max_prompt_length)
-    factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed)
+    factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed, args.group_by_length)
     eval_batch = toy.eval_batch(tokenizer, args.num_eval_prompts, device) if args.dataset == "toy" else None
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)

@@ -141,8 +141,9 @@ class BatchFactory:
     The online factory (policy samples + annotator) has the same interface.
     """
 
-    def __init__(self, rows: list[dict], pad_token_id: int, micro_batch_size: int, gradient_accumulation_steps: int, seed: int):
-        self.rows, self.pad_token_id, self.seed = rows, pad_token_id, seed
+    def __init__(self, rows: list[dict], pad_token_id: int, micro_batch_size: int, gradient_accumulation_steps: int, seed: int,
+                 group_by_length: bool = True):
+        self.rows, self.pad_token_id, self.seed, self.group_by_length = rows, pad_token_id, seed, group_by_length
         self.micro_batch_size, self.gradient_accumulation_steps = micro_batch_size, gradient_accumulation_steps
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.step, self.epoch, self.order = 0, None, None
@@ -162,8 +163,22 @@ class BatchFactory:
     def index(self, position: int) -> int:
         epoch, i = divmod(position, len(self.rows))
         if epoch != self.epoch:
-            self.epoch, self.order = epoch, torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
-        return int(self.order[i])
+            self.epoch, self.order = epoch, self.epoch_order(epoch)
+        return self.order[i]
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.rows), generator=generator).tolist()
+        if not self.group_by_length:
+            return order
+        size = self.micro_batch_size * self.gradient_accumulation_steps * self.world_size  # one global batch
+        grouped = []
+        for start in range(0, len(order), 64 * size):
+            window = sorted(order[start: start + 64 * size], key=lambda i: row_length(self.rows[i]))
+            batches = [window[k: k + size] for k in range(0, len(window), size)]
+            for b in torch.randperm(len(batches), generator=generator).tolist():
+                grouped += batches[b]
+        return grouped
 
     def state_dict(self) -> dict:
         return {"step": self.step}
@@ -195,11 +210,11 @@ class OnlineBatchFactory:
 
     def __init__(self, prompt_records: list[dict], tokenizer, policy, annotator, pairwise: bool, max_prompt_length: int,
                  max_new_tokens: int, temperature: float, top_p: float, micro_batch_size: int,
-                 gradient_accumulation_steps: int, seed: int, sample_reward=None, max_rounds: int = 8):
+                 gradient_accumulation_steps: int, seed: int, sample_reward=None, max_rounds: int = 8, group_by_length: bool = True):
         rows = tokenize_records(prompt_records, tokenizer, max_prompt_length + 1, max_prompt_length)
         for row, record in zip(rows, prompt_records):
             row["raw_prompt"] = record["prompt"]  # the annotator gets the prompt as the data has it, not as our template renders it
-        self.prompts = BatchFactory(rows, tokenizer.pad_token_id, micro_batch_size, gradient_accumulation_steps, seed)
+        self.prompts = BatchFactory(rows, tokenizer.pad_token_id, micro_batch_size, gradient_accumulation_steps, seed, group_by_length)
         self.tokenizer, self.policy, self.annotator, self.pairwise = tokenizer, policy, annotator, pairwise
         self.max_new_tokens, self.temperature, self.top_p, self.max_rounds = max_new_tokens, temperature, top_p, max_rounds
         self.micro_batch_size, self.sample_reward = micro_batch_size, sample_reward

@@ -1,0 +1,110 @@
+"""The online setups: OnlineBatchFactory and dpo_pairwise.py --online, with the toy annotator and a flaky HTTP judge."""
+
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from common import toy
+from common.annotators import make_annotator
+from common.batch import OnlineBatchFactory
+from common.model import load_causal_lm, load_tokenizer
+from conftest import read_metrics, run_script
+
+
+@pytest.fixture(scope="module")
+def policy_and_tokenizer(sft_model, world_of_one):
+    tokenizer = load_tokenizer(str(sft_model))
+    return load_causal_lm(str(sft_model), tokenizer, torch.device("cpu")), tokenizer
+
+
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_online_factory_labels_samples(policy_and_tokenizer, pairwise):
+    policy, tokenizer = policy_and_tokenizer
+    factory = OnlineBatchFactory(toy.records("train", "prompt"), tokenizer, policy, make_annotator("toy", torch.device("cpu")), pairwise,
+                                 max_prompt_length=32, max_new_tokens=16, temperature=1.0, top_p=1.0, micro_batch_size=8,
+                                 gradient_accumulation_steps=2, seed=0, sample_reward=toy.true_reward)
+    batches = factory.next_step()
+    assert len(batches) == 2 and all(len(b["prompt"]) == 8 for b in batches)  # exactly the step's examples, however many tied
+    for batch in batches:
+        for i, prompt in enumerate(batch["prompt"]):
+            for g in ("generation1", "generation2") if pairwise else ("generation1",):
+                ids = batch[f"{g}_token_ids"][i][batch[f"{g}_response_mask"][i]]
+                # the sampled ids are trained on as sampled: they decode to the annotated text (+ EOS if it stopped)
+                assert tokenizer.decode(ids, skip_special_tokens=True) == batch[f"{g}_response_only"][i]
+            weight = batch["generation1_weight"][i].item()
+            if pairwise and weight == 1.0:  # a kept pair: generation1_reward says which one the annotator prefers
+                r1, r2 = (toy.true_reward(prompt, batch[f"{g}_response_only"][i]) for g in ("generation1", "generation2"))
+                assert r1 != r2 and batch["generation1_reward"][i].item() == float(r1 > r2) == 1 - batch["generation2_reward"][i].item()
+            if not pairwise:
+                assert batch["generation1_reward"][i].item() == toy.true_reward(prompt, batch["generation1_response_only"][i])
+    metrics = factory.metrics()
+    assert 0 < metrics["online/kept_fraction"] <= 1 and metrics["online/eos_rate"] > 0.9 and metrics["online/sample_reward"] > 0.5
+
+
+class FlakyJudge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible judge of the toy task that is right when it answers, but of every 10 requests
+    answers 500 to one, stalls past the client's timeout on one and answers garbage to one."""
+    count, lock, stall = 0, threading.Lock(), 2.5
+
+    def do_POST(self):
+        question = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][0]["content"]
+        with FlakyJudge.lock:
+            FlakyJudge.count += 1
+            n = FlakyJudge.count
+        if n % 10 == 3:
+            return self.send_error(500)
+        if n % 10 == 6:
+            time.sleep(self.stall)
+        found = re.search(r"\[Conversation\]\n(.*)\n\n\[Response 1\]\n(.*)\n\n\[Response 2\]\n(.*)\n\nAnswer", question, re.S)
+        prompt, a, b = found.groups()
+        reward_a, reward_b = toy.true_reward(prompt, a), toy.true_reward(prompt, b)
+        verdict = "maybe" if n % 10 == 8 else "1" if reward_a > reward_b else "2" if reward_b > reward_a else "1"
+        body = json.dumps({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_online_dpo_survives_a_flaky_http_judge(sft_model, tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FlakyJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        run_script("dpo_pairwise.py", "--online", "--model_name_or_path", str(sft_model), "--annotator", f"http://127.0.0.1:{server.server_port}/v1",
+                   "--judge_model", "toy-judge", "--judge_timeout", "1", "--max_steps", "4", "--per_device_batch_size", "8",
+                   "--log_every", "1", "--eval_every", "1000", "--num_eval_prompts", "16", "--output_dir", str(tmp_path),
+                   env={"OPENAI_API_KEY": "sk-test-do-not-log"})
+    finally:
+        server.shutdown()
+    metrics = read_metrics(tmp_path)
+    annotator = [m for m in metrics if "annotator/requests" in m][-1]
+    assert annotator["annotator/http_500"] > 0 and annotator["annotator/timeout"] > 0 and annotator["annotator/unparsable"] > 0
+    # failures are dropped (not guessed): a pair fails when either of its two orders fails even after the retries
+    assert annotator["annotator/failed"] > 0 and sum(m.get("online/failed", 0) for m in metrics) > 0
+    assert len([m for m in metrics if "train/loss" in m]) == 4  # and training went on
+    assert "sk-test-do-not-log" not in (tmp_path / "metrics.jsonl").read_text() + (tmp_path / "args.json").read_text()
+
+
+def test_online_dpo_under_torchrun(sft_model, tmp_path):
+    run_script("dpo_pairwise.py", "--online", "--model_name_or_path", str(sft_model), "--max_steps", "3", "--per_device_batch_size", "8",
+               "--log_every", "1", "--eval_every", "1000", "--num_eval_prompts", "16", "--output_dir", str(tmp_path), nproc=2)
+    metrics = read_metrics(tmp_path)
+    assert len([m for m in metrics if "train/loss" in m]) == 3 and any("online/kept_fraction" in m for m in metrics)
+
+
+def test_online_dpo_learns_past_rho(sft_model, tmp_path):
+    """From the SFT model (~0.76), online DPO with the toy annotator reaches a true reward >= 0.95."""
+    start = time.time()
+    run_script("dpo_pairwise.py", "--online", "--model_name_or_path", str(sft_model), "--output_dir", str(tmp_path))
+    rewards = [(m["step"], round(m["eval/reward"], 3)) for m in read_metrics(tmp_path) if "eval/reward" in m]
+    print(f"eval/reward {rewards} in {time.time() - start:.0f} s")
+    assert rewards[0][1] < 0.8 and rewards[-1][1] >= 0.95
