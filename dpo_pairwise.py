@@ -143,7 +143,7 @@ class Args:
     """evaluate every this many steps (and at the start and the end)"""
     num_eval_pairs: int = 512
     """held-out pairs for eval/loss and eval/accuracy"""
-    num_eval_prompts: int = 256
+    num_eval_prompts: int = 512
     """toy only: held-out prompts sampled for eval/reward"""
 
 

@@ -70,7 +70,7 @@ class Args:
     """recompute activations in the backward pass to save memory"""
 
     # optimization
-    max_steps: int = 400
+    max_steps: int = 600
     """optimizer steps"""
     learning_rate: float = 3e-3
     """peak learning rate of AdamW"""
@@ -88,7 +88,7 @@ class Args:
     # evaluation (toy only: the true reward is known)
     eval_every: int = 100
     """evaluate every this many steps (and at the start and the end)"""
-    num_eval_prompts: int = 256
+    num_eval_prompts: int = 512
     """held-out prompts sampled for eval/reward"""
     eval_temperature: float = 1.0
     """sampling temperature for eval/reward (1.0 measures the policy itself, not its mode)"""

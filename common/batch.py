@@ -298,7 +298,8 @@ class OnlineBatchFactory:
             "online/response_length": totals["generated_tokens"] / responses, "online/eos_rate": totals["eos"] / responses,
             "online/kept_fraction": totals["kept"] / examples, "online/ties": totals["ties"] / examples,
             "online/failed": totals["failed"] / examples, "online/padded": totals["padded"],
-            "online/generated_tokens_per_s": totals["generated_tokens"] / max(totals["generation_seconds"], 1e-9) / dist.get_world_size(),
+            # all processes' tokens over one process's sampling time (processes sample in parallel)
+            "online/generated_tokens_per_s": totals["generated_tokens"] * dist.get_world_size() / max(totals["generation_seconds"], 1e-9),
         }
         if self.sample_reward is not None:
             metrics["online/sample_reward"] = totals["sample_reward"] / responses

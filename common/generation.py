@@ -58,7 +58,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) ->
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # tokens after the nucleus is full
         sorted_probs[outside] = 0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # inverse-CDF sampling: the same distribution as torch.multinomial, far cheaper on CPU
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 def all_done(done: torch.Tensor) -> bool:
