@@ -8,17 +8,26 @@ to off), our seed and learning-rate schedule (20 warmup steps, then cosine), no 
 until the end. The model is given as the folder, as in a normal TRL run, so TRL loads it: a causal LM for SFT
 and DPO (DPO loads a second copy as the reference and runs it every step: precompute_ref_log_probs=False is
 TRL's default), a sequence-classification head (num_labels=1, random init) on the same LM for the reward model.
+
+online_dpo is TRL's experimental OnlineDPOTrainer on the prompts of the pairwise file, sampling with transformers'
+`generate` (not vLLM) and scored by the reward model given as `--annotator reward_model:PATH` (our flag). Its
+generation is timed from outside, by wrapping the trainer's `_generate` (prompt tokenization, `generate`, cutting
+after EOS), and the totals go to <output_dir>/generation.json: the only instrumentation, a clock read per step.
 """
 
 import argparse
+import json
+import os
+import time
 
 from datasets import load_dataset
+from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
 TRAINERS = {"sft": (SFTConfig, SFTTrainer), "reward_model": (RewardConfig, RewardTrainer), "dpo": (DPOConfig, DPOTrainer)}
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("trainer", choices=TRAINERS)
+parser.add_argument("trainer", choices=[*TRAINERS, "online_dpo"])
 parser.add_argument("--model_name_or_path", required=True, help="folder with the model and its tokenizer")
 parser.add_argument("--dataset", required=True, help="local .jsonl: prompt/completion (sft) or prompt/chosen/rejected")
 parser.add_argument("--output_dir", required=True, help="TRL's output folder (nothing is saved in it)")
@@ -27,16 +36,57 @@ parser.add_argument("--seed", type=int, default=1, help="seed (ours defaults to 
 parser.add_argument("--per_device_batch_size", type=int, default=8, help="examples (pairs) per step")
 parser.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate")
 parser.add_argument("--max_length", type=int, default=256, help="longest prompt + response in tokens")
+parser.add_argument("--warmup_steps", type=int, default=20, help="linear warmup steps, then cosine decay to 0")
 parser.add_argument("--beta", type=float, default=0.1, help="DPO's beta")
+parser.add_argument("--annotator", default=None, help="online_dpo: reward_model:PATH, the reward model scoring the samples")
+parser.add_argument("--max_new_tokens", type=int, default=64, help="online_dpo: longest sampled response in tokens")
+parser.add_argument("--temperature", type=float, default=1.0, help="online_dpo: sampling temperature")
 args = parser.parse_args()
 
-config_class, trainer_class = TRAINERS[args.trainer]
-method = {"sft": {"completion_only_loss": True}, "reward_model": {}, "dpo": {"beta": args.beta, "loss_type": ["sigmoid"]}}[args.trainer]
+if args.trainer == "online_dpo":  # imported only when chosen: trl.experimental warns on import
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    config_class, trainer_class = OnlineDPOConfig, OnlineDPOTrainer
+else:
+    config_class, trainer_class = TRAINERS[args.trainer]
+method = {"sft": {"completion_only_loss": True}, "reward_model": {}, "dpo": {"beta": args.beta, "loss_type": ["sigmoid"]},
+          "online_dpo": {"beta": args.beta, "loss_type": "sigmoid", "max_new_tokens": args.max_new_tokens,
+                         "temperature": args.temperature, "use_vllm": False}}[args.trainer]
 config = config_class(
     output_dir=args.output_dir, max_steps=args.max_steps, seed=args.seed, per_device_train_batch_size=args.per_device_batch_size,
-    learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=20, max_length=args.max_length,
+    learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=args.warmup_steps, max_length=args.max_length,
     bf16=False, activation_checkpointing=False, model_init_kwargs={"dtype": "float32"},
     eval_strategy="no", save_strategy="no", report_to="none", logging_steps=args.max_steps, **method,
 )
 train_dataset = load_dataset("json", data_files=args.dataset, split="train")
-trainer_class(model=args.model_name_or_path, args=config, train_dataset=train_dataset).train()
+if args.trainer != "online_dpo":
+    trainer_class(model=args.model_name_or_path, args=config, train_dataset=train_dataset).train()
+    raise SystemExit
+
+kind, _, reward_model = (args.annotator or "").partition(":")
+if kind != "reward_model" or not reward_model:
+    parser.error("online_dpo needs --annotator reward_model:PATH")
+trainer = OnlineDPOTrainer(model=args.model_name_or_path, reward_funcs=reward_model, args=config,
+                           train_dataset=train_dataset.select_columns(["prompt"]),
+                           processing_class=AutoTokenizer.from_pretrained(args.model_name_or_path))
+totals = {"calls": 0, "responses": 0, "generated_tokens": 0, "eos": 0, "generation_seconds": 0.0, "longest": 0}
+generate = trainer._generate
+
+
+def timed_generate(*a, **k):
+    start = time.perf_counter()
+    out = generate(*a, **k)  # (prompt_ids, prompt_mask, completion_ids, completion_mask, vision inputs)
+    totals["generation_seconds"] += time.perf_counter() - start
+    completion_ids, completion_mask = out[2], out[3]
+    totals["calls"] += 1
+    totals["responses"] += completion_ids.shape[0]
+    totals["generated_tokens"] += int(completion_mask.sum())  # up to and including EOS, as ours counts
+    totals["eos"] += int((completion_ids == trainer._tokenizer.eos_token_id).any(-1).sum())
+    totals["longest"] = max(totals["longest"], completion_ids.shape[1])  # generate's steps: the longest response
+    return out
+
+
+trainer._generate = timed_generate
+trainer.train()
+with open(os.path.join(args.output_dir, "generation.json"), "w") as f:
+    json.dump(totals, f)

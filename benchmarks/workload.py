@@ -5,6 +5,9 @@
         so `--model_name_or_path <folder>` works for our scripts and for TRL
     pairwise.jsonl   512 HH pairs: prompt (the dialogue up to and including the last "\\n\\nAssistant:"), chosen, rejected
     sft.jsonl        the same 512 as prompt, completion (= chosen)
+    rm/              the online annotator of the online_dpo pair: the same Llama and tokenizer with a one-output
+        sequence-classification head (LlamaForSequenceClassification, num_labels=1), random init with seed 1,
+        so its rewards are continuous and two samples practically never tie
 
 Only pairs that need no truncation (prompt <= MAX_PROMPT_LENGTH tokens, prompt + response + EOS <= MAX_LENGTH)
 and tokenize the same with prompt and response apart as together are kept, so both sides train on exactly the
@@ -20,12 +23,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 WORK = Path(__file__).resolve().parent / ".work"
 NUM_PAIRS, MAX_LENGTH, MAX_PROMPT_LENGTH, BATCH_SIZE = 512, 256, 128, 8  # fp32 throughout
-VOCAB_SIZE, SEED = 8192, 0
+MAX_NEW_TOKENS, TEMPERATURE = 64, 1.0  # online_dpo: sampled responses (prompt + response <= 128 + 64 < MAX_LENGTH)
+VOCAB_SIZE, SEED, REWARD_MODEL_SEED = 8192, 0, 1
 ASSISTANT = "\n\nAssistant:"
 
 
@@ -39,14 +43,27 @@ def train_tokenizer(dialogues: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>")
 
 
-def make_model(tokenizer) -> LlamaForCausalLM:
-    config = LlamaConfig(
+def model_config(tokenizer, **kwargs) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
         num_key_value_heads=4, max_position_embeddings=MAX_LENGTH, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs,
     )
+
+
+def make_model(tokenizer) -> LlamaForCausalLM:
     torch.manual_seed(SEED)
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(model_config(tokenizer))
+
+
+def build_reward_model(out: Path = WORK):
+    """out/rm: a random-init reward model (one output) on the workload's architecture and tokenizer. Both sides
+    of online_dpo read rewards where transformers reads them: at the last token that is not padding."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+    torch.manual_seed(REWARD_MODEL_SEED)
+    model = LlamaForSequenceClassification(model_config(tokenizer, num_labels=1))
+    tokenizer.save_pretrained(out / "rm")
+    model.save_pretrained(out / "rm")
 
 
 def select_pairs(rows: list[dict], tokenizer) -> list[dict]:
@@ -82,6 +99,7 @@ def build(out: Path = WORK, data: Path = DATA):
     model.save_pretrained(out)
     pairs = select_pairs(rows, tokenizer)
     write_jsonl(out / "sft.jsonl", [dict(prompt=p["prompt"], completion=p["chosen"]) for p in pairs])
+    build_reward_model(out)
     write_jsonl(out / "pairwise.jsonl", pairs)  # written last: its presence means the folder is complete
     print(f"workload in {out}: {model.num_parameters() / 1e6:.2f}M-parameter Llama, {len(tokenizer)}-token BPE, "
           f"{len(pairs)} pairs (max_length {MAX_LENGTH}, max_prompt_length {MAX_PROMPT_LENGTH})")

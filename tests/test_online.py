@@ -41,7 +41,7 @@ def test_online_factory_labels_samples(policy_and_tokenizer, pairwise):
                 r1, r2 = (toy.true_reward(prompt, batch[f"{g}_response_only"][i]) for g in ("generation1", "generation2"))
                 assert r1 != r2 and batch["generation1_reward"][i].item() == float(r1 > r2) == 1 - batch["generation2_reward"][i].item()
             if not pairwise:
-                assert batch["generation1_reward"][i].item() == toy.true_reward(prompt, batch["generation1_response_only"][i])
+                assert batch["generation1_reward"][i].item() == pytest.approx(toy.true_reward(prompt, batch["generation1_response_only"][i]))
     metrics = factory.metrics()
     assert 0 < metrics["online/kept_fraction"] <= 1 and metrics["online/eos_rate"] > 0.9 and metrics["online/sample_reward"] > 0.5
 
