@@ -29,6 +29,7 @@ Departures from the paper:
    sampled, so every step trains on a full batch of labelled pairs.
 """
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -137,6 +138,8 @@ class Args:
     """http judge: seconds before a request times out (then retried, then counted as failed)"""
     judge_max_concurrency: int = 8
     """http judge: requests in flight at once per process"""
+    judge_template: str | None = None
+    """judges: the question, a format string with {prompt}, {response1}, {response2} (or a file holding one)"""
 
     # evaluation
     eval_every: int = 50
@@ -218,8 +221,9 @@ def main(args: Args):
     if args.online:  # prompts only; the pairs are sampled and annotated every step
         if args.annotator == "toy" and args.dataset != "toy":
             fail("--annotator toy scores only the toy task; choose an annotator for this dataset (see --help)")
+        template = open(args.judge_template).read() if args.judge_template and os.path.isfile(args.judge_template) else args.judge_template
         annotator = make_annotator(args.annotator, device, judge_model=args.judge_model, judge_api_key_env=args.judge_api_key_env,
-                                   judge_timeout=args.judge_timeout, judge_max_concurrency=args.judge_max_concurrency)
+                                   judge_timeout=args.judge_timeout, judge_max_concurrency=args.judge_max_concurrency, judge_template=template)
         factory = OnlineBatchFactory(
             load_records(args.dataset, args.dataset_split, "prompt"), tokenizer, policy, annotator, True, args.max_prompt_length,
             args.max_new_tokens, args.temperature, args.top_p, args.per_device_batch_size, args.gradient_accumulation_steps,
