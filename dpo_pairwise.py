@@ -42,7 +42,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from common import toy
 from common.annotators import make_annotator
-from common.batch import BatchFactory, OnlineBatchFactory, collate, to_device, tokenize_records
+from common.batch import BatchFactory, OnlineBatchFactory, shard_batches, to_device, tokenize_records
 from common.data import load_eval_records, load_records
 from common.distributed import (Tracker, all_reduce, cleanup, fail, init_distributed, is_main, load_checkpoint, print0,
                                 save_checkpoint, save_pretrained, shard_model, sum_counters)
@@ -210,7 +210,7 @@ def evaluate_pairs(policy, reference, eval_batches, num_pairs, args) -> dict:
 def main(args: Args):
     if args.learning_rate is None:  # offline DPO over-optimises a fixed dataset at rates that online DPO takes in its stride
         args.learning_rate = 2e-4 if args.online else 1e-5
-    rank, world_size, device = init_distributed(args.seed)
+    _, world_size, device = init_distributed(args.seed)
     global_batch_size = args.per_device_batch_size * args.gradient_accumulation_steps * world_size
     print0(f"{world_size} process(es) on {device.type}; global batch {global_batch_size} pairs = {args.per_device_batch_size} "
            f"per device x {args.gradient_accumulation_steps} accumulation x {world_size} processes; learning rate {args.learning_rate}")
@@ -242,9 +242,7 @@ def main(args: Args):
         add_reference_logps(reference, used, tokenizer.pad_token_id, args.per_device_batch_size)
         print0(f"reference log-probs of {len(used)} pairs in {time.perf_counter() - start:.1f} s")
         reference = None  # no second model in memory while training
-    my_eval_rows = eval_rows[rank::world_size]
-    eval_batches = [to_device(collate(my_eval_rows[i: i + args.per_device_batch_size], tokenizer.pad_token_id), device)
-                    for i in range(0, len(my_eval_rows), args.per_device_batch_size)]
+    eval_batches = shard_batches(eval_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
     toy_batch = toy.eval_batch(tokenizer, args.num_eval_prompts, device) if args.dataset == "toy" else None
 
     def evaluate() -> dict:

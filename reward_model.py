@@ -32,7 +32,7 @@ import tyro
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from common.batch import BatchFactory, collate, to_device, tokenize_records
+from common.batch import BatchFactory, shard_batches, to_device, tokenize_records
 from common.data import load_eval_records, load_records
 from common.distributed import (Tracker, all_reduce, cleanup, init_distributed, is_main, load_checkpoint, print0,
                                 save_checkpoint, save_pretrained, shard_model)
@@ -142,7 +142,7 @@ def evaluate(model, batches, num_pairs) -> dict:
 
 
 def main(args: Args):
-    rank, world_size, device = init_distributed(args.seed)
+    _, world_size, device = init_distributed(args.seed)
     global_batch_size = args.per_device_batch_size * args.gradient_accumulation_steps * world_size
     print0(f"{world_size} process(es) on {device.type}; global batch {global_batch_size} pairs = {args.per_device_batch_size} "
            f"per device x {args.gradient_accumulation_steps} accumulation x {world_size} processes")
@@ -154,14 +154,9 @@ def main(args: Args):
     model = shard_model(model, device)
     rows = tokenize_records(load_records(args.dataset, args.dataset_split, "pairwise"), tokenizer, args.max_length, args.max_prompt_length)
     factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed, args.group_by_length)
-
-    def batches_of(held_rows):  # this process's equal share of some rows (FSDP forwards are collectives), batched
-        held_rows = held_rows[: len(held_rows) // world_size * world_size][rank::world_size]
-        return [to_device(collate(held_rows[i: i + args.per_device_batch_size], tokenizer.pad_token_id), device)
-                for i in range(0, len(held_rows), args.per_device_batch_size)]
-
     eval_records = load_eval_records(args.dataset, args.eval_dataset, args.eval_split, "pairwise", args.num_eval_pairs)
-    eval_batches = batches_of(tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length)) if eval_records else []
+    eval_rows = tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length) if eval_records else []
+    eval_batches = shard_batches(eval_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
     num_eval_pairs = sum(len(b["prompt"]) for b in eval_batches) * world_size
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -215,7 +210,7 @@ def main(args: Args):
         tracker.log(args.max_steps, {"eval/loss": metrics["loss"], "eval/accuracy": metrics["accuracy"]})
         print0(f"eval/accuracy {metrics['accuracy']:.3f}, eval/loss {metrics['loss']:.3f}")
     if args.center_rewards:
-        center_batches = batches_of(rows[: args.num_center_pairs])
+        center_batches = shard_batches(rows[: args.num_center_pairs], tokenizer.pad_token_id, args.per_device_batch_size, device)
         model.config.reward_mean = evaluate(model, center_batches, sum(len(b["prompt"]) for b in center_batches) * world_size)["reward_mean"]
         print0(f"centred: reward_mean {model.config.reward_mean:.4f} recorded in the config")
     save_pretrained(model, tokenizer, args.output_dir)

@@ -130,6 +130,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def shard_batches(rows: list[dict], pad_token_id: int, batch_size: int, device: torch.device) -> list[dict]:
+    """This process's share of `rows`, as batches on `device`. Every process gets as many rows (the remainder
+    of an uneven split is left out), so all run the same number of forwards: FSDP's are collectives."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    share = rows[: len(rows) // world_size * world_size][rank::world_size]
+    return [to_device(collate(share[i: i + batch_size], pad_token_id), device) for i in range(0, len(share), batch_size)]
+
+
 class BatchFactory:
     """Offline batches: a seeded stream of shuffled epochs over the token rows, cut into global batches.
 
