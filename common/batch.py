@@ -157,11 +157,15 @@ class BatchFactory:
         self.step, self.epoch, self.order = 0, None, None
 
     def next_step(self) -> list[dict]:
+        rows = sorted(self.next_rows(), key=row_length)
+        return [collate(rows[k: k + self.micro_batch_size], self.pad_token_id) for k in range(0, len(rows), self.micro_batch_size)]
+
+    def next_rows(self) -> list[dict]:
+        """This process's rows of the next step, in stream order."""
         share = self.micro_batch_size * self.gradient_accumulation_steps
         start = self.step * share * self.world_size + self.rank * share
-        rows = sorted((self.rows[self.index(start + i)] for i in range(share)), key=row_length)
         self.step += 1
-        return [collate(rows[k: k + self.micro_batch_size], self.pad_token_id) for k in range(0, share, self.micro_batch_size)]
+        return [self.rows[self.index(start + i)] for i in range(share)]
 
     def rows_until(self, max_steps: int) -> list[dict]:
         """Every row that steps [0, max_steps) will serve, on any process (e.g. to precompute something for them)."""
@@ -252,7 +256,7 @@ class OnlineBatchFactory:
         """Sample and annotate num_prompts prompts: (kept rows, dropped rows at weight 0, number failed)."""
         prompt_rows = []
         while len(prompt_rows) < num_prompts:  # whole steps of the prompt stream, so its position stays a step count
-            prompt_rows += [self.prompts.rows[self.prompts.index(i)] for i in self.stream_positions()]
+            prompt_rows += self.prompts.next_rows()
         prompt_rows = prompt_rows[:num_prompts]
         num_generations = 2 if self.pairwise else 1
         batch = collate([r for r in prompt_rows for _ in range(num_generations)], self.tokenizer.pad_token_id)  # each prompt n times, adjacent
@@ -275,7 +279,8 @@ class OnlineBatchFactory:
             self.stats["ties"] += sum(v == 0.5 for v in verdicts)
         else:
             rewards = [None if s is None else [s] for s in self.annotator.score(raw_prompts, texts)]
-        self.stats["failed"] += sum(v is None for v in (verdicts if self.pairwise else rewards))
+        failed = sum(v is None for v in (verdicts if self.pairwise else rewards))
+        self.stats["failed"] += failed
         kept, dropped = [], []
         for i, (row, reward) in enumerate(zip(prompt_rows, rewards)):
             out = {"prompt": row["prompt"], "prompt_ids": row["prompt_ids"]}
@@ -287,14 +292,7 @@ class OnlineBatchFactory:
         self.stats["examples"] += len(prompt_rows)
         self.stats["kept"] += len(kept)
         self.samples = [(raw_prompts[i], texts[i * num_generations: (i + 1) * num_generations], rewards[i]) for i in range(min(3, len(prompt_rows)))]
-        return kept, dropped, sum(v is None for v in (verdicts if self.pairwise else rewards))
-
-    def stream_positions(self) -> range:
-        """This process's positions in the prompt stream for the next step of it (as the offline factory reads them)."""
-        share = self.prompts.micro_batch_size * self.prompts.gradient_accumulation_steps
-        start = self.prompts.step * share * self.prompts.world_size + self.prompts.rank * share
-        self.prompts.step += 1
-        return range(start, start + share)
+        return kept, dropped, failed
 
     def metrics(self) -> dict:
         """Means over all processes since the last call, under online/."""
