@@ -14,7 +14,8 @@ For each pair, with y+ the preferred response (the generation with the higher re
 https://arxiv.org/abs/2305.18290  https://arxiv.org/abs/2310.12036  https://ericmitchell.ai/cdpo.pdf
 
 Offline, the pairs come from the dataset. --online: each step samples two responses per dataset prompt
-from the policy being trained and the annotator (--annotator) says which is better.
+from the policy being trained and the annotator (--annotator) says which is better. Each prompt runs once
+for both of its responses (common.model.shared_prompt_logps): the same log-probs as two separate forwards.
 
     python sft.py --output_dir runs/sft && python dpo_pairwise.py --model_name_or_path runs/sft
     python dpo_pairwise.py --model_name_or_path runs/sft --online
@@ -46,7 +47,7 @@ from common.batch import BatchFactory, OnlineBatchFactory, shard_batches, to_dev
 from common.data import load_eval_records, load_records
 from common.distributed import (Tracker, all_reduce, cleanup, fail, init_distributed, is_main, load_checkpoint, print0,
                                 save_checkpoint, save_pretrained, shard_model, sum_counters)
-from common.model import add_reference_logps, load_causal_lm, load_tokenizer, response_logps
+from common.model import add_reference_logps, load_causal_lm, load_tokenizer, shared_prompt_logps
 
 
 @dataclass
@@ -178,16 +179,16 @@ def preference_loss(logps1, logps2, reference_logps1, reference_logps2, lengths1
 
 
 def forward(policy, reference, batch, args):
-    """Both generations of every pair in one concatenated forward, then preference_loss."""
-    ids = torch.cat([batch["generation1_token_ids"], batch["generation2_token_ids"]])  # (2B, T)
-    attention_mask = torch.cat([batch["generation1_attention_mask"], batch["generation2_attention_mask"]])
-    response_mask = torch.cat([batch["generation1_response_mask"], batch["generation2_response_mask"]])
-    logps1, logps2 = response_logps(policy, ids, attention_mask, response_mask)[0].sum(-1).chunk(2)  # (B,), (B,)
+    """Both generations of every pair in one forward that runs each prompt once, then preference_loss."""
+    inputs = (batch["prompt_token_ids"], batch["prompt_attention_mask"],
+              *(torch.stack([batch[f"generation1_{key}"], batch[f"generation2_{key}"]], 1).flatten(0, 1)  # (2B, Tr): a pair's two rows adjacent
+                for key in ("response_token_ids", "response_attention_mask")))
+    logps1, logps2 = shared_prompt_logps(policy, *inputs).sum(-1).view(-1, 2).unbind(1)  # (B,), (B,)
     if "generation1_reference_logps" in batch:  # precomputed
         reference_logps1, reference_logps2 = batch["generation1_reference_logps"], batch["generation2_reference_logps"]
     elif reference is not None:
         with torch.no_grad():
-            reference_logps1, reference_logps2 = response_logps(reference, ids, attention_mask, response_mask)[0].sum(-1).chunk(2)
+            reference_logps1, reference_logps2 = shared_prompt_logps(reference, *inputs).sum(-1).view(-1, 2).unbind(1)
     else:  # --reference_free
         reference_logps1 = reference_logps2 = torch.zeros_like(logps1)
     lengths1, lengths2 = batch["generation1_response_mask"].sum(-1), batch["generation2_response_mask"].sum(-1)
@@ -251,7 +252,7 @@ def main(args: Args):
             metrics |= toy.evaluate(policy, tokenizer, toy_batch, args.num_eval_prompts, seed=args.seed)
         return metrics
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)  # one kernel for all parameters
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     start_step = 0
     if args.resume:
@@ -270,7 +271,7 @@ def main(args: Args):
         sums = torch.zeros(6)
         for i, batch in enumerate(batches):
             policy.set_requires_gradient_sync(i == len(batches) - 1)  # reduce gradients once per step
-            # 2. forward: chosen and rejected in one concatenated forward
+            # 2. forward: both generations of each pair, sharing the prompt's forward
             losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps = forward(policy, reference, batch, args)
             # 3. loss: weighted losses summed over this micro-batch, divided by the global pair count; the
             # micro-batches add up to this process's share of the global mean, and FSDP averages gradients

@@ -10,9 +10,13 @@ A batch is a dict with these keys (DESIGN.md); generation2_* only for pairwise d
   generation1_weight                      (B,) float  weight of the example in the loss (default 1.0)
 and fields of our own, for the losses:
   generation1_response_mask               (B, T) bool True exactly at the response tokens (EOS included)
+  generation1_response_token_ids, _response_attention_mask
+                                          (B, Tr)     the response tokens alone, right-padded: prompt_token_ids
+                                                      + these are the training sequences, so a prompt can run
+                                                      once for all its generations (common.model.shared_prompt_logps)
   generation1_reference_logps             (B,) float  sum of the response's log-probs under the reference
                                                       (only where precomputed: common/model.add_reference_logps)
-generation1 and generation2 are padded to the same length T so they can be concatenated in one forward.
+generation1 and generation2 are padded to the same lengths T and Tr so they can share one forward.
 
 Tokenization: prompt and response are tokenized separately and concatenated, so the response tokens are
 exactly the response's tokens; EOS is appended to every response that does not already end with it.
@@ -110,8 +114,11 @@ def collate(rows: list[dict], pad_token_id: int) -> dict:
     batch = {"prompt": [r["prompt"] for r in rows]}
     batch["prompt_token_ids"], batch["prompt_attention_mask"] = pad(prompt_ids, pad_token_id, left=True)
     length = max((len(p) + len(r[f"{g}_response_ids"]) for p, r in zip(prompt_ids, rows) for g in generations), default=0)
+    response_length = max((len(r[f"{g}_response_ids"]) for r in rows for g in generations), default=0)
     for g in generations:
         ids, mask = pad([p + r[f"{g}_response_ids"] for p, r in zip(prompt_ids, rows)], pad_token_id, length=length)
+        batch[f"{g}_response_token_ids"], batch[f"{g}_response_attention_mask"] = pad(
+            [r[f"{g}_response_ids"] for r in rows], pad_token_id, length=response_length)
         response_mask = torch.zeros_like(mask, dtype=torch.bool)
         for i, (p, r) in enumerate(zip(prompt_ids, rows)):
             response_mask[i, len(p): len(p) + len(r[f"{g}_response_ids"])] = True
@@ -259,11 +266,11 @@ class OnlineBatchFactory:
             prompt_rows += self.prompts.next_rows()
         prompt_rows = prompt_rows[:num_prompts]
         num_generations = 2 if self.pairwise else 1
-        batch = collate([r for r in prompt_rows for _ in range(num_generations)], self.tokenizer.pad_token_id)  # each prompt n times, adjacent
+        batch = collate(prompt_rows, self.tokenizer.pad_token_id)
         start = time.perf_counter()
-        response_ids, response_mask, _ = generate(
+        response_ids, response_mask, _ = generate(  # prompt i's samples at rows i*n .. i*n + n - 1
             self.policy, batch["prompt_token_ids"].to(device), batch["prompt_attention_mask"].to(device), self.max_new_tokens,
-            self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.temperature, self.top_p)
+            self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.temperature, self.top_p, num_samples=num_generations)
         self.stats["generation_seconds"] += time.perf_counter() - start
         ids = [row[mask.bool()].tolist() for row, mask in zip(response_ids.cpu(), response_mask.cpu())]
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -271,7 +278,7 @@ class OnlineBatchFactory:
         self.stats["responses"] += len(ids)
         self.stats["eos"] += sum(r[-1:] == [self.tokenizer.eos_token_id] for r in ids)
         if self.sample_reward is not None:
-            self.stats["sample_reward"] += sum(self.sample_reward(p, t) for p, t in zip(batch["prompt"], texts))
+            self.stats["sample_reward"] += sum(self.sample_reward(batch["prompt"][n // num_generations], t) for n, t in enumerate(texts))
         raw_prompts = [r["raw_prompt"] for r in prompt_rows]
         if self.pairwise:
             verdicts = self.annotator.prefer(raw_prompts, texts[0::2], texts[1::2])

@@ -11,6 +11,7 @@ import random
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 def fail(message: str):
@@ -66,6 +67,21 @@ def shard_model(model: torch.nn.Module, device: torch.device, trainable: bool = 
     fully_shard(model, mp_policy=mp)
     model.requires_grad_(trainable)
     return model
+
+
+@contextmanager
+def unsharded(model: torch.nn.Module):
+    """Keep an FSDP2 model's parameters gathered through a run of forwards (a decode loop: one all-gather per
+    parameter group instead of one per token), at the cost of holding the whole model meanwhile; then reshard."""
+    groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in groups:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in groups:
+            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP2's defaults: the root stays gathered after forward
+            m.reshard()
 
 
 def all_reduce(value, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, DynamicCache
 
 from common import toy
 from common.batch import GENERATIONS, collate, to_device, tokenize_records
@@ -53,13 +53,41 @@ def load_causal_lm(model_name_or_path: str, tokenizer, device: torch.device, gra
 def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
     """log pi(y_t | x, y_<t) for every response token: (B, K) tensor, zero outside the response, and the
     (B, K) response mask, where K counts positions from the batch's first response token on. The LM head
-    runs only on those positions, not on the prompts."""
+    runs only on the positions that predict those tokens, not on the prompts."""
     first = max(int(response_mask.float().argmax(-1).min()), 1)  # earliest response token in the batch
-    keep = input_ids.shape[1] - first + 1  # logits at positions first-1 .. T-1 (the last one is unused)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1]  # (B, K, V)
-    labels, mask = input_ids[:, first:], response_mask[:, first:]
-    logps = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view(labels.shape)  # (B, K)
-    return logps * mask, mask
+    predicting = torch.arange(first - 1, input_ids.shape[1] - 1, device=input_ids.device)  # positions first-1 .. T-2
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=predicting).logits  # (B, K, V)
+    return token_logps(logits, input_ids[:, first:]) * response_mask[:, first:], response_mask[:, first:]
+
+
+def shared_prompt_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor):
+    """log pi(y_t | x, y_<t) for every response token of several responses per prompt: (N, Tr), zero at padding.
+    prompt_ids (B, Tp) left-padded; response_ids (N, Tr) right-padded, N = n * B, with prompt i's n responses
+    at rows i*n .. i*n + n - 1. The prompt runs once and its KV cache serves its n responses, so a pair costs
+    P + 2R tokens of compute instead of 2(P + R) (prefix sharing). Gradient checkpointing keeps no cache: then
+    each response runs after its own copy of the prompt, in one forward."""
+    n, (num_prompt, num_response) = response_ids.shape[0] // prompt_ids.shape[0], (prompt_ids.shape[1], response_ids.shape[1])
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
+    response_positions = (positions[:, -1:] + 1 + torch.arange(num_response, device=positions.device)).repeat_interleave(n, 0)
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(n, 0), response_mask], 1)  # (N, Tp + Tr)
+    if any(getattr(layer, "gradient_checkpointing", False) for layer in model.model.layers):  # the layers' own switch
+        logits = model(input_ids=torch.cat([prompt_ids.repeat_interleave(n, 0), response_ids], 1), attention_mask=attention_mask,
+                       position_ids=torch.cat([positions.repeat_interleave(n, 0), response_positions], 1),
+                       logits_to_keep=torch.arange(num_prompt - 1, num_prompt + num_response - 1, device=prompt_ids.device)).logits
+        return token_logps(logits, response_ids) * response_mask
+    cache = DynamicCache()
+    first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, past_key_values=cache,
+                  use_cache=True, logits_to_keep=1).logits  # (B, 1, V): predicts each response's first token
+    cache.batch_repeat_interleave(n)  # the prompt's keys and values, once per response
+    rest = model(input_ids=response_ids, attention_mask=attention_mask, position_ids=response_positions, past_key_values=cache,
+                 use_cache=True, logits_to_keep=torch.arange(num_response - 1, device=response_ids.device)).logits  # (N, Tr - 1, V)
+    logps = torch.cat([token_logps(first.repeat_interleave(n, 0), response_ids[:, :1]), token_logps(rest, response_ids[:, 1:])], 1)
+    return logps * response_mask
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] at each position: (B, K, V), (B, K) -> (B, K), in fp32."""
+    return -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view(labels.shape)
 
 
 def load_reward_model(model_name_or_path: str, tokenizer, device: torch.device, from_causal_lm: bool = False):
@@ -121,10 +149,10 @@ def add_reference_logps(model, rows: list[dict], pad_token_id: int, batch_size: 
     for start in range(0, share, batch_size):
         index = mine[start: start + batch_size]
         batch = to_device(collate([rows[i] for i in index or [0]], pad_token_id), device)  # a dummy batch keeps forwards in step
-        # every generation of the batch in one forward (collate pads them to the same length)
-        ids, attention_mask, response_mask = (torch.cat([batch[f"{g}_{key}"] for g in generations]) for key in ("token_ids", "attention_mask", "response_mask"))
-        sums = response_logps(model, ids, attention_mask, response_mask)[0].sum(-1).view(len(generations), -1)  # (G, B)
-        logps[index] = sums[:, : len(index)].T.double().cpu()
+        # every generation of the batch in one forward that runs each prompt once (a row's generations adjacent)
+        ids, mask = (torch.stack([batch[f"{g}_{key}"] for g in generations], 1).flatten(0, 1) for key in ("response_token_ids", "response_attention_mask"))
+        sums = shared_prompt_logps(model, batch["prompt_token_ids"], batch["prompt_attention_mask"], ids, mask).sum(-1).view(-1, len(generations))  # (B, G)
+        logps[index] = sums[: len(index)].double().cpu()
     logps = all_reduce(logps)
     for i, row in enumerate(rows):
         for k, g in enumerate(generations):

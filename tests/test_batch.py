@@ -10,7 +10,8 @@ from common.model import load_tokenizer
 
 SCHEMA = {"prompt", "prompt_token_ids", "prompt_attention_mask"} | {
     f"{g}{suffix}" for g in ("generation1", "generation2")
-    for suffix in ("", "_response_only", "_token_ids", "_attention_mask", "_response_mask", "_reward", "_weight")}
+    for suffix in ("", "_response_only", "_token_ids", "_attention_mask", "_response_mask", "_response_token_ids",
+                   "_response_attention_mask", "_reward", "_weight")}
 
 
 def test_real_hh_rows_split_exactly(hh_path, bpe_tokenizer):
@@ -29,6 +30,9 @@ def test_real_hh_rows_split_exactly(hh_path, bpe_tokenizer):
             # prompt tokens + response tokens == the training sequence, with nothing in between
             real = ids[batch[f"{g}_attention_mask"][i].bool()]
             assert torch.equal(real, torch.cat([prompt_ids, ids[mask]]))
+            # and the response alone, for running the prompt once for both generations
+            response = batch[f"{g}_response_token_ids"][i][batch[f"{g}_response_attention_mask"][i].bool()]
+            assert torch.equal(response, ids[mask])
             assert batch[g][i] == record["prompt"] + record[g]
     assert batch["generation1_token_ids"].shape == batch["generation2_token_ids"].shape
     assert batch["generation1_reward"].tolist() == [1.0] * 64 and batch["generation2_reward"].tolist() == [0.0] * 64

@@ -110,6 +110,27 @@ def test_online_dpo_learns_past_rho(sft_model, tmp_path):
     assert rewards[0][1] < 0.8 and rewards[-1][1] >= 0.95
 
 
+def test_generate_runs_each_prompt_once_for_its_samples(world_of_one):
+    """Greedy (temperature 0) from a sharded policy: prompts of 2 to 6 tokens, 2 samples each (the prompt's KV
+    cache copied per sample) give the same tokens as the prompts repeated and sampled once each, and the
+    parameters are sharded again afterwards."""
+    from torch.distributed.tensor import DTensor
+
+    from common.batch import pad
+    from common.distributed import shard_model
+    from common.generation import generate
+
+    tokenizer = load_tokenizer("toy")
+    policy = shard_model(load_causal_lm("toy", tokenizer, torch.device("cpu")), torch.device("cpu"))
+    prompts = [tokenizer(p)["input_ids"] for p in ("a", "dbca=", "fedcba=")]
+    shared = generate(policy, *pad(prompts, tokenizer.pad_token_id, left=True), 12, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                      temperature=0.0, num_samples=2)[0]
+    repeated = generate(policy, *pad([p for p in prompts for _ in range(2)], tokenizer.pad_token_id, left=True), 12,
+                        tokenizer.eos_token_id, tokenizer.pad_token_id, temperature=0.0)[0]
+    assert shared.shape[0] == 6 and torch.equal(shared, repeated) and torch.equal(shared[0::2], shared[1::2])
+    assert all(isinstance(p, DTensor) for p in policy.parameters())
+
+
 def test_sampling_follows_the_distribution():
     """p = [0.5, 0.3, 0.2, 0]: 20k samples match within 1.5%; top_p 0.6 keeps the two likeliest tokens
     (renormalised to 0.625 / 0.375); temperature 0 is the argmax."""

@@ -10,7 +10,8 @@ from transformers import AutoModelForSequenceClassification
 
 import dpo_pairwise
 import reward_model
-from common.model import load_reward_model, load_tokenizer, reward_scores
+from common.batch import pad
+from common.model import load_causal_lm, load_reward_model, load_tokenizer, response_logps, reward_scores, shared_prompt_logps
 from conftest import read_metrics, run_script
 
 T = torch.tensor
@@ -58,6 +59,32 @@ def test_ipo_by_hand():
     assert dpo(-4.0, -6.0, -2.0, -9.0, lengths=(2.0, 3.0), loss_type="ipo", beta=0.25)[0] == pytest.approx(16.0)
     # at its optimum, logits = 1/(2 beta) = 0.5, the loss is 0
     assert dpo(0.25, -0.25, 0.0, 0.0, loss_type="ipo", beta=1.0)[0] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompt_logps_equal_one_forward_per_sequence(checkpointing):
+    """Running each prompt once and its two responses from its KV cache gives the log-probs, and the gradients,
+    of running every prompt + response sequence on its own (prompts of 3, 7, 5 tokens, responses of 1 to 9)."""
+    tok = load_tokenizer("toy")
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, len(tok), (n,), generator=generator).tolist() for n in (3, 7, 5)]
+    responses = [torch.randint(4, len(tok), (n,), generator=generator).tolist() for n in (4, 6, 1, 9, 3, 2)]  # prompt i: rows 2i, 2i+1
+    results = []
+    for shared in (True, False):
+        model = load_causal_lm("toy", tok, torch.device("cpu"), gradient_checkpointing=checkpointing)
+        if shared:
+            logps = shared_prompt_logps(model, *pad(prompts, tok.pad_token_id, left=True), *pad(responses, tok.pad_token_id)).sum(-1)
+        else:
+            ids, mask = pad([prompts[i // 2] + r for i, r in enumerate(responses)], tok.pad_token_id)
+            response_mask = torch.zeros_like(ids, dtype=torch.bool)
+            for i, r in enumerate(responses):
+                response_mask[i, len(prompts[i // 2]): len(prompts[i // 2]) + len(r)] = True
+            logps = response_logps(model, ids, mask, response_mask)[0].sum(-1)
+        (logps * torch.arange(1.0, 7.0)).sum().backward()
+        results.append((logps.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (shared_logps, shared_grads), (logps, grads) = results
+    assert torch.allclose(shared_logps, logps, atol=1e-5) and torch.allclose(shared_grads, grads, atol=1e-5)
+    assert logps.abs().min() > 0  # every response has log-probs (none was masked away)
 
 
 def test_bradley_terry_by_hand():

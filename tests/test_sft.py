@@ -24,7 +24,7 @@ class FixedLogits(torch.nn.Module):
     def forward(self, input_ids, attention_mask, logits_to_keep):
         logits = torch.zeros(*input_ids.shape, 3)
         logits[..., 0] = math.log(2)
-        return SimpleNamespace(logits=logits[:, -logits_to_keep:])
+        return SimpleNamespace(logits=logits[:, logits_to_keep])  # logits_to_keep: the positions to keep
 
 
 def test_response_logps_by_hand():
