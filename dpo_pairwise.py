@@ -25,7 +25,7 @@ for both of its responses (common.model.shared_prompt_logps): the same log-probs
 Departures from the paper:
 1. The reference is the initial policy. Offline, its log-probs are computed once before training
    (--precompute_ref_logps) and the reference model is dropped, so training holds one model.
-2. A pair's weight is the mean of its two generations' weights.
+2. A pair's weight is the mean of its two generations' weights (a dataset column, times --reweighter's factor).
 3. Online, pairs the annotator calls a tie, or fails on, are dropped (and counted), and more prompts are
    sampled, so every step trains on a full batch of labelled pairs.
 """
@@ -48,6 +48,7 @@ from common.data import load_eval_records, load_records
 from common.distributed import (Tracker, all_reduce, cleanup, fail, init_distributed, is_main, load_checkpoint, print0,
                                 save_checkpoint, save_pretrained, shard_model, sum_counters)
 from common.model import add_reference_logps, load_causal_lm, load_tokenizer, shared_prompt_logps
+from common.reweight import make_reweighter
 
 
 @dataclass
@@ -89,6 +90,9 @@ class Args:
     """longest prompt in tokens (longer prompts keep their end)"""
     group_by_length: bool = True
     """batch examples of similar length together (less padding); the order of batches stays random"""
+    reweighter: str = "none"
+    """how much each pair counts: none (the data's weights), confidence (online: |2p - 1|, p the annotator's
+    probability that generation1 is better), or python:MODULE:FUNCTION (common/reweight.py)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
 
@@ -211,12 +215,15 @@ def evaluate_pairs(policy, reference, eval_batches, num_pairs, args) -> dict:
 def main(args: Args):
     if args.learning_rate is None:  # offline DPO over-optimises a fixed dataset at rates that online DPO takes in its stride
         args.learning_rate = 2e-4 if args.online else 1e-5
+    if args.reweighter == "confidence" and not args.online:
+        fail("--reweighter confidence weighs pairs by the annotator's preference probability, which only --online pairs have")
     _, world_size, device = init_distributed(args.seed)
     global_batch_size = args.per_device_batch_size * args.gradient_accumulation_steps * world_size
     print0(f"{world_size} process(es) on {device.type}; global batch {global_batch_size} pairs = {args.per_device_batch_size} "
            f"per device x {args.gradient_accumulation_steps} accumulation x {world_size} processes; learning rate {args.learning_rate}")
 
     tokenizer = load_tokenizer(args.model_name_or_path)
+    reweighter = make_reweighter(args.reweighter)
     policy = shard_model(load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing), device)
     eval_rows = []
     if args.online:  # prompts only; the pairs are sampled and annotated every step
@@ -228,10 +235,12 @@ def main(args: Args):
         factory = OnlineBatchFactory(
             load_records(args.dataset, args.dataset_split, "prompt"), tokenizer, policy, annotator, True, args.max_prompt_length,
             args.max_new_tokens, args.temperature, args.top_p, args.per_device_batch_size, args.gradient_accumulation_steps,
-            args.seed, sample_reward=toy.true_reward if args.dataset == "toy" else None, group_by_length=args.group_by_length)
+            args.seed, sample_reward=toy.true_reward if args.dataset == "toy" else None, group_by_length=args.group_by_length,
+            reweighter=reweighter)
     else:
         rows = tokenize_records(load_records(args.dataset, args.dataset_split, "pairwise"), tokenizer, args.max_length, args.max_prompt_length)
-        factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed, args.group_by_length)
+        factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed,
+                               args.group_by_length, reweighter)
         eval_records = load_eval_records(args.dataset, args.eval_dataset, args.eval_split, "pairwise", args.num_eval_pairs)
         if eval_records:
             eval_rows = tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length)
@@ -297,6 +306,8 @@ def main(args: Args):
                 "train/grad_norm": grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm,
                 "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": num_tokens / elapsed, "train/pairs_per_s": num_pairs / elapsed,
             })
+            if reweighter is not None:
+                tracker.log(step + 1, reweighter.metrics(sum_counters(reweighter.stats)))
             if args.online:
                 tracker.log(step + 1, factory.metrics() | {f"annotator/{k}": v for k, v in sum_counters(annotator.stats).items()})
                 tracker.log_samples(step + 1, factory.samples)

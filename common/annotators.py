@@ -2,8 +2,8 @@
 
 One interface, two forms (a prompt is text or a list of {"role", "content"} messages; a response is text):
     score(prompts, responses)               -> a scalar per response                       (setups 3, 5)
-    prefer(prompts, responses1, responses2) -> 1.0 if response1 is better, 0.0 if response2 is,
-                                               0.5 a tie, in between for a judge's probability (setup 7)
+    prefer(prompts, responses1, responses2) -> 1.0 if response1 is better, 0.0 if response2 is, 0.5 a tie,
+                                               in between for a probability that response1 is better (setup 7)
 None marks an item whose annotation failed: it is counted and never guessed, so the training loop can drop it.
 `stats` holds running counts for the logs: requests (responses scored + pairs compared), failed (items returned
 as None); the judges add judge_order_agreement / judge_order_disagreement (pairs whose two orders pick the same /
@@ -16,7 +16,8 @@ Kinds, chosen by `make_annotator(spec)` (the scripts' --annotator):
     judge:PATH               a local causal LM, read from the next-token probabilities of its answer
     http:URL, http(s)://...  an OpenAI-compatible /v1/chat/completions endpoint (vLLM, TGI, hosted APIs)
     python:MODULE:FUNCTION   FUNCTION(prompts, responses) -> list of floats (verifiable rewards)
-Every pointwise annotator prefers by comparing two scores. The judges ask each pair in both orders, because
+The reward model prefers with the Bradley-Terry probability sigmoid(r1 - r2) of its rewards; the other pointwise
+annotators by the higher of two scores (1.0 / 0.0, 0.5 when equal). The judges ask each pair in both orders, because
 LLM judges favour one position (Zheng et al. 2023, https://arxiv.org/abs/2306.05685, section 3.3).
 """
 
@@ -127,7 +128,8 @@ class PythonAnnotator(Annotator):
 
 
 class RewardModelAnnotator(Annotator):
-    """Scores with the reward model's own tokenizer and chat template (common.model.reward_scores)."""
+    """Scores with the reward model's own tokenizer and chat template (common.model.reward_scores); prefers with
+    the Bradley-Terry probability the model was trained to fit (reward_model.py): sigmoid(r1 - r2)."""
 
     def __init__(self, path: str, device: torch.device):
         super().__init__()
@@ -137,6 +139,12 @@ class RewardModelAnnotator(Annotator):
 
     def _score(self, prompts, responses):
         return reward_scores(self.model, self.tokenizer, prompts, responses).tolist()
+
+    def _prefer(self, prompts, responses1, responses2):
+        """Both responses scored in one call; 0.5 exactly when the rewards are equal. A reward model's score
+        never fails (a forward runs or raises), so there is no None here."""
+        rewards = reward_scores(self.model, self.tokenizer, prompts * 2, responses1 + responses2)  # (2N,)
+        return torch.sigmoid(rewards[: len(prompts)] - rewards[len(prompts):]).tolist()
 
 
 def as_text(prompt) -> str:

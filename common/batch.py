@@ -153,18 +153,21 @@ class BatchFactory:
     rank r takes the r-th contiguous share. So the examples of a step do not depend on how the global
     batch is split, and the data position is just the step count (saved in checkpoints). Within a rank's
     share, rows are sorted by length before being cut into micro-batches: less padding, same gradient.
+    A reweighter (common/reweight.py) sets the weights of each step's rows.
     The online factory (policy samples + annotator) has the same interface.
     """
 
     def __init__(self, rows: list[dict], pad_token_id: int, micro_batch_size: int, gradient_accumulation_steps: int, seed: int,
-                 group_by_length: bool = True):
+                 group_by_length: bool = True, reweighter=None):
         self.rows, self.pad_token_id, self.seed, self.group_by_length = rows, pad_token_id, seed, group_by_length
+        self.reweighter = reweighter
         self.micro_batch_size, self.gradient_accumulation_steps = micro_batch_size, gradient_accumulation_steps
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.step, self.epoch, self.order = 0, None, None
 
     def next_step(self) -> list[dict]:
-        rows = sorted(self.next_rows(), key=row_length)
+        rows = self.next_rows() if self.reweighter is None else self.reweighter(self.next_rows())
+        rows = sorted(rows, key=row_length)
         return [collate(rows[k: k + self.micro_batch_size], self.pad_token_id) for k in range(0, len(rows), self.micro_batch_size)]
 
     def next_rows(self) -> list[dict]:
@@ -217,6 +220,8 @@ class OnlineBatchFactory:
     pairwise (two samples per prompt): annotator.prefer gives generation1_reward 1.0 if generation1 is
     preferred, else 0.0 (generation2_reward the opposite); ties and failed verdicts are dropped and counted.
     pointwise (one sample): annotator.score gives generation1_reward; failed scores are dropped and counted.
+    Then the reweighter, if any (common/reweight.py), sets the kept examples' weights; pairwise rows carry the
+    annotator's verdict as `preference` for it.
     Every step is filled with exactly micro_batch_size * gradient_accumulation_steps kept examples on each
     process (FSDP needs every process to run the same number of forwards): when examples are dropped,
     more prompts are sampled, in rounds all processes take together, each sized by the rate kept so far.
@@ -229,14 +234,15 @@ class OnlineBatchFactory:
 
     def __init__(self, prompt_records: list[dict], tokenizer, policy, annotator, pairwise: bool, max_prompt_length: int,
                  max_new_tokens: int, temperature: float, top_p: float, micro_batch_size: int,
-                 gradient_accumulation_steps: int, seed: int, sample_reward=None, max_rounds: int = 8, group_by_length: bool = True):
+                 gradient_accumulation_steps: int, seed: int, sample_reward=None, max_rounds: int = 8, group_by_length: bool = True,
+                 reweighter=None):
         rows = tokenize_records(prompt_records, tokenizer, max_prompt_length + 1, max_prompt_length)
         for row, record in zip(rows, prompt_records):
             row["raw_prompt"] = record["prompt"]  # the annotator gets the prompt as the data has it, not as our template renders it
         self.prompts = BatchFactory(rows, tokenizer.pad_token_id, micro_batch_size, gradient_accumulation_steps, seed, group_by_length)
         self.tokenizer, self.policy, self.annotator, self.pairwise = tokenizer, policy, annotator, pairwise
         self.max_new_tokens, self.temperature, self.top_p, self.max_rounds = max_new_tokens, temperature, top_p, max_rounds
-        self.micro_batch_size, self.sample_reward = micro_batch_size, sample_reward
+        self.micro_batch_size, self.sample_reward, self.reweighter = micro_batch_size, sample_reward, reweighter
         self.need = micro_batch_size * gradient_accumulation_steps
         self.keep_rate, self.stats, self.samples = 1.0, Counter(), []
 
@@ -253,10 +259,13 @@ class OnlineBatchFactory:
             kept, dropped, failed = kept + rows, dropped + rows_dropped, failed + rows_failed
         if all_reduce(failed < len(kept) + len(dropped), op=dist.ReduceOp.MIN).item() == 0:  # together, or the others would hang
             fail(f"the annotator failed on every example of a step; annotator stats: {dict(self.annotator.stats)}")
+        kept = kept[: self.need]
+        if self.reweighter is not None:
+            kept = self.reweighter(kept)
         if len(kept) < self.need:  # still short (a policy so sure that its samples tie): pad with dropped rows at weight 0
             self.stats["padded"] += self.need - len(kept)
             kept += dropped[: self.need - len(kept)]
-        kept = sorted(kept[: self.need], key=row_length)  # grouped by length: less padding
+        kept = sorted(kept, key=row_length)  # grouped by length: less padding
         return [collate(kept[k: k + self.micro_batch_size], self.tokenizer.pad_token_id) for k in range(0, self.need, self.micro_batch_size)]
 
     def sample(self, num_prompts: int, device) -> tuple[list[dict], list[dict], int]:
@@ -291,6 +300,8 @@ class OnlineBatchFactory:
         kept, dropped = [], []
         for i, (row, reward) in enumerate(zip(prompt_rows, rewards)):
             out = {"prompt": row["prompt"], "prompt_ids": row["prompt_ids"]}
+            if self.pairwise:  # the annotator's probability that generation1 is better (for reweighting)
+                out["preference"] = verdicts[i]
             for k, g in enumerate(GENERATIONS[:num_generations]):
                 n = i * num_generations + k
                 out |= {f"{g}_response_only": texts[n], f"{g}_response_ids": ids[n],

@@ -3,6 +3,7 @@ antisymmetry, and the HTTP judge against OpenAI-compatible servers started here 
 a position-biased one and a flaky one), including where the API key may and may not appear."""
 
 import json
+import math
 import re
 import socket
 import threading
@@ -99,8 +100,11 @@ def test_reward_model_matches_a_direct_forward(toy_folders):
                     for p, r in zip(prompts, responses)]
     assert scores == pytest.approx(expected, abs=1e-5)
     assert len(set(scores)) == 3  # a random head still tells the responses apart
+    # Bradley-Terry: P(response1 is better) = sigmoid(r1 - r2); exactly 0.5 for the same response twice
     preferences = annotator.prefer(prompts, responses, responses[::-1])
-    assert preferences == [float(scores[0] > scores[2]), 0.5, float(scores[2] > scores[0])]
+    difference = scores[0] - scores[2]
+    assert preferences == pytest.approx([1 / (1 + math.exp(-difference)), 0.5, 1 / (1 + math.exp(difference))], abs=1e-6)
+    assert preferences[1] == 0.5 and 0 < preferences[0] < 1 and preferences[0] != 0.5  # a probability, not a hard verdict
     with pytest.raises(SystemExit, match="not a sequence-classification model") as e:
         make_annotator(f"reward_model:{lm_path}", CPU)
     assert "\n" not in str(e.value)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from common import toy
-from common.annotators import make_annotator
+from common.annotators import Annotator, make_annotator
 from common.batch import OnlineBatchFactory
 from common.model import load_causal_lm, load_tokenizer
+from common.reweight import make_reweighter
 from conftest import read_metrics, run_script
 
 
@@ -44,6 +45,30 @@ def test_online_factory_labels_samples(policy_and_tokenizer, pairwise):
                 assert batch["generation1_reward"][i].item() == pytest.approx(toy.true_reward(prompt, batch["generation1_response_only"][i]))
     metrics = factory.metrics()
     assert 0 < metrics["online/kept_fraction"] <= 1 and metrics["online/eos_rate"] > 0.9 and metrics["online/sample_reward"] > 0.5
+
+
+class UnsureToyJudge(Annotator):
+    """Right about the toy task but never sure: 0.9 when response 1 is better, 0.2 when response 2 is, 0.5 a tie."""
+
+    def _prefer(self, prompts, responses1, responses2):
+        rewards = [(toy.true_reward(p, a), toy.true_reward(p, b)) for p, a, b in zip(prompts, responses1, responses2)]
+        return [0.9 if a > b else 0.2 if b > a else 0.5 for a, b in rewards]
+
+
+def test_online_factory_reweights_by_confidence(policy_and_tokenizer):
+    """--reweighter confidence: a kept pair's weight is |2p - 1|: 0.8 where generation1 won (p = 0.9), 0.6 where
+    generation2 did (p = 0.2); a step padded with dropped pairs has them at weight 0."""
+    policy, tokenizer = policy_and_tokenizer
+    reweighter = make_reweighter("confidence")
+    factory = OnlineBatchFactory(toy.records("train", "prompt"), tokenizer, policy, UnsureToyJudge(), True, max_prompt_length=32,
+                                 max_new_tokens=16, temperature=1.0, top_p=1.0, micro_batch_size=8, gradient_accumulation_steps=1,
+                                 seed=0, reweighter=reweighter)
+    batch = factory.next_step()[0]
+    kept = batch["generation1_reward"] != 0.5  # dropped (padding) pairs carry reward 0.5 on both sides
+    expected = torch.where(batch["generation1_reward"] == 1.0, 0.8, 0.6)
+    assert kept.any() and torch.allclose(batch["generation1_weight"][kept], expected[kept])
+    assert torch.equal(batch["generation1_weight"], batch["generation2_weight"]) and (batch["generation1_weight"][~kept] == 0).all()
+    assert reweighter.stats["rows"] == int(kept.sum()) and reweighter.stats["factor_sum"] == pytest.approx(expected[kept].sum().item())
 
 
 class FlakyJudge(BaseHTTPRequestHandler):
