@@ -35,8 +35,9 @@ from transformers import get_cosine_schedule_with_warmup
 from common.batch import BatchFactory, shard_batches, to_device, tokenize_records
 from common.data import load_eval_records, load_records
 from common.distributed import (Tracker, all_reduce, cleanup, init_distributed, is_main, load_checkpoint, print0,
-                                save_checkpoint, save_pretrained, shard_model)
+                                save_checkpoint, save_pretrained, shard_model, sum_counters)
 from common.model import load_reward_model, load_tokenizer
+from common.reweight import make_reweighter
 
 
 @dataclass
@@ -78,6 +79,8 @@ class Args:
     """longest prompt in tokens (longer prompts keep their end)"""
     group_by_length: bool = True
     """batch examples of similar length together (less padding); the order of batches stays random"""
+    reweighter: str = "none"
+    """how much each pair counts: none (the data's weights) or python:MODULE:FUNCTION (common/reweight.py)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
 
@@ -153,7 +156,9 @@ def main(args: Args):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = shard_model(model, device)
     rows = tokenize_records(load_records(args.dataset, args.dataset_split, "pairwise"), tokenizer, args.max_length, args.max_prompt_length)
-    factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed, args.group_by_length)
+    reweighter = make_reweighter(args.reweighter)
+    factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed,
+                           args.group_by_length, reweighter)
     eval_records = load_eval_records(args.dataset, args.eval_dataset, args.eval_split, "pairwise", args.num_eval_pairs)
     eval_rows = tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length) if eval_records else []
     eval_batches = shard_batches(eval_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
@@ -202,6 +207,8 @@ def main(args: Args):
                 "train/grad_norm": grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm,
                 "train/lr": scheduler.get_last_lr()[0], "train/pairs_per_s": num_pairs / elapsed,
             })
+            if reweighter is not None:
+                tracker.log(step + 1, reweighter.metrics(sum_counters(reweighter.stats)))
         if args.save_every and (step + 1) % args.save_every == 0:
             save_checkpoint(args.output_dir, step + 1, model, optimizer, scheduler, factory.state_dict())
 

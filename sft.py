@@ -27,8 +27,9 @@ from common import toy
 from common.batch import BatchFactory, to_device, tokenize_records
 from common.data import load_records
 from common.distributed import (Tracker, all_reduce, cleanup, init_distributed, is_main, load_checkpoint, print0,
-                                save_checkpoint, save_pretrained, shard_model)
+                                save_checkpoint, save_pretrained, shard_model, sum_counters)
 from common.model import load_causal_lm, load_tokenizer, response_logps
+from common.reweight import make_reweighter
 
 
 @dataclass
@@ -66,6 +67,8 @@ class Args:
     """longest prompt in tokens (longer prompts keep their end)"""
     group_by_length: bool = True
     """batch examples of similar length together (less padding); the order of batches stays random"""
+    reweighter: str = "none"
+    """how much each example counts: none (the data's weights) or python:MODULE:FUNCTION (common/reweight.py)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
 
@@ -104,7 +107,9 @@ def main(args: Args):
     model = shard_model(load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing), device)
     print0(f"model: {args.model_name_or_path}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     rows = tokenize_records(load_records(args.dataset, args.dataset_split, "sft"), tokenizer, args.max_length, args.max_prompt_length)
-    factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed, args.group_by_length)
+    reweighter = make_reweighter(args.reweighter)
+    factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed,
+                           args.group_by_length, reweighter)
     eval_batch = toy.eval_batch(tokenizer, args.num_eval_prompts, device) if args.dataset == "toy" else None
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)  # one kernel for all parameters
@@ -151,6 +156,8 @@ def main(args: Args):
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/tokens_per_s": num_tokens / (time.perf_counter() - step_start),
             })
+            if reweighter is not None:
+                tracker.log(step + 1, reweighter.metrics(sum_counters(reweighter.stats)))
         if eval_batch is not None and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics = toy.evaluate(model, tokenizer, eval_batch, args.num_eval_prompts, args.eval_temperature, args.seed)
             tracker.log(step + 1, metrics)

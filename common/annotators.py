@@ -24,13 +24,11 @@ LLM judges favour one position (Zheng et al. 2023, https://arxiv.org/abs/2306.05
 import collections
 import concurrent.futures
 import http.client
-import importlib
 import json
 import math
 import numbers
 import os
 import re
-import sys
 import threading
 import time
 import urllib.error
@@ -40,7 +38,7 @@ import torch
 
 from common import toy
 from common.batch import pad
-from common.distributed import fail, print0
+from common.distributed import fail, import_function, print0
 from common.model import load_causal_lm, load_reward_model, load_tokenizer, reward_scores
 
 JUDGE_TEMPLATE = (
@@ -105,15 +103,7 @@ class PythonAnnotator(Annotator):
     def __init__(self, module: str, function: str):
         super().__init__()
         self.name = f"python:{module}:{function}"
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())  # so `python:my_rewards:f` finds ./my_rewards.py
-        try:
-            imported = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            fail(f"--annotator {self.name}: cannot import module '{e.name}' (searched the current directory and sys.path)")
-        self.function = getattr(imported, function, None)
-        if not callable(self.function):
-            fail(f"--annotator {self.name}: module '{module}' has no function '{function}'")
+        self.function = import_function(f"--annotator {self.name}", module, function)
 
     def _score(self, prompts, responses):
         values = self.function(prompts, responses)

@@ -5,6 +5,7 @@ FSDP2 and reduces with collectives whether it runs alone on a laptop or under to
 Checkpoints assume every rank sees the same --output_dir (one node, or a shared filesystem).
 """
 
+import importlib
 import json
 import os
 import random
@@ -26,6 +27,20 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 def fail(message: str):
     """Stop with a one-line error and no traceback."""
     raise SystemExit(f"error: {message}")
+
+
+def import_function(flag: str, module: str, function: str):
+    """FUNCTION of MODULE, named on the command line (e.g. --annotator python:my_rewards:f finds ./my_rewards.py)."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        imported = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        fail(f"{flag}: cannot import module '{e.name}' (searched the current directory and sys.path)")
+    found = getattr(imported, function, None)
+    if not callable(found):
+        fail(f"{flag}: module '{module}' has no function '{function}'")
+    return found
 
 
 def is_main() -> bool:

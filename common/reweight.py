@@ -24,16 +24,13 @@ Kinds, chosen by `make_reweighter(spec)` (a script's --reweighter):
 
 import collections
 import copy
-import importlib
 import math
 import numbers
-import os
-import sys
 
 import torch
 
 from common.batch import GENERATIONS
-from common.distributed import fail
+from common.distributed import fail, import_function
 
 FORMS = "none, confidence, python:MODULE:FUNCTION"
 
@@ -84,15 +81,7 @@ class PythonReweighter(Reweighter):
     def __init__(self, module: str, function: str):
         super().__init__()
         self.name = f"python:{module}:{function}"
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())  # so `python:my_weights:f` finds ./my_weights.py
-        try:
-            imported = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            fail(f"--reweighter {self.name}: cannot import module '{e.name}' (searched the current directory and sys.path)")
-        self.function = getattr(imported, function, None)
-        if not callable(self.function):
-            fail(f"--reweighter {self.name}: module '{module}' has no function '{function}'")
+        self.function = import_function(f"--reweighter {self.name}", module, function)
 
     def factors(self, rows):
         values = self.function(copy.deepcopy(rows))  # deep: the token id lists of offline rows are reused every epoch

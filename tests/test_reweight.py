@@ -107,14 +107,17 @@ def test_python_missing_module_or_function(weights_module):
         make_reweighter("python:no_such_weights_module:f")
 
 
-def test_dpo_trains_on_the_reweighted_pairs(tmp_path):
-    """dpo_pairwise.py --reweighter python:...: factors of 0 for every pair leave nothing to learn from, so the
-    loss and the gradient are exactly 0; confidence weighting needs --online (a one-line error, before any work)."""
+@pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "dpo_pairwise.py"])
+def test_scripts_train_on_the_reweighted_examples(tmp_path, script):
+    """--reweighter python:...: factors of 0 for every example leave nothing to learn from, so every script's
+    loss and gradient are exactly 0; confidence weighting needs --online (a one-line error, before any work)."""
     (tmp_path / "zero_weights.py").write_text("def f(rows):\n    return [0.0] * len(rows)\n")
-    run_script("dpo_pairwise.py", "--reweighter", "python:zero_weights:f", "--max_steps", "3", "--log_every", "1", "--eval_every", "1000",
-               "--num_eval_prompts", "16", "--num_eval_pairs", "16", "--output_dir", str(tmp_path / "run"), env={"PYTHONPATH": str(tmp_path)})
-    logged = [m for m in read_metrics(tmp_path / "run") if "train/loss" in m]
+    run_script(script, "--reweighter", "python:zero_weights:f", "--max_steps", "3", "--log_every", "1", "--eval_every", "1000",
+               "--output_dir", str(tmp_path / "run"), env={"PYTHONPATH": str(tmp_path)})
+    metrics = read_metrics(tmp_path / "run")
+    logged = [m for m in metrics if "train/loss" in m]
     assert len(logged) == 3 and all(m["train/loss"] == 0.0 and m["train/grad_norm"] == 0.0 for m in logged)
-    assert all(m["reweight/mean_factor"] == 0.0 for m in read_metrics(tmp_path / "run") if "reweight/mean_factor" in m)
-    failed = run_script("dpo_pairwise.py", "--reweighter", "confidence", "--output_dir", str(tmp_path / "offline"), check=False)
-    assert failed.returncode != 0 and "only --online pairs have" in failed.stderr.strip().splitlines()[-1]
+    assert [m["reweight/mean_factor"] for m in metrics if "reweight/mean_factor" in m] == [0.0] * 3
+    if script == "dpo_pairwise.py":
+        failed = run_script(script, "--reweighter", "confidence", "--output_dir", str(tmp_path / "offline"), check=False)
+        assert failed.returncode != 0 and "only --online pairs have" in failed.stderr.strip().splitlines()[-1]
