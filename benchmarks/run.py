@@ -18,6 +18,7 @@ and for ours the fraction of pairs kept (ties are dropped).
 
     python benchmarks/run.py                                # every pair whose script exists, 2 repeats
     python benchmarks/run.py --pairs sft --repeats 3 --threads 2
+    python benchmarks/run.py --ungrouped                    # ours on TRL's batches (no length grouping)
 """
 
 import argparse
@@ -40,8 +41,9 @@ PAIRS = {  # name -> (our script, data file in the work folder, unit, default N1
 }
 
 
-def commands(pair: str, work: Path, steps: int, output_dir: Path, learning_rate: float) -> dict[str, list[str]]:
-    """The two command lines of a pair, on the same files and settings (the flags are our scripts' names)."""
+def commands(pair: str, work: Path, steps: int, output_dir: Path, learning_rate: float, ungrouped: bool = False) -> dict[str, list[str]]:
+    """The two command lines of a pair, on the same files and settings (the flags are our scripts' names).
+    ungrouped: ours without length grouping, so both sides train on the same batches in the same order."""
     script, data, _, _ = PAIRS[pair]
     shared = ["--model_name_or_path", str(work), "--dataset", str(work / data), "--output_dir", str(output_dir),
               "--max_steps", str(steps), "--seed", "1", "--per_device_batch_size", str(workload.BATCH_SIZE),
@@ -53,7 +55,8 @@ def commands(pair: str, work: Path, steps: int, output_dir: Path, learning_rate:
                    "--temperature", str(workload.TEMPERATURE)]
     return {
         "ours": [sys.executable, script, *shared, *(["--online"] if pair == "online_dpo" else []),
-                 "--max_prompt_length", str(workload.MAX_PROMPT_LENGTH), "--log_every", "1000000", "--eval_every", "1000000"],
+                 "--max_prompt_length", str(workload.MAX_PROMPT_LENGTH), "--log_every", "1000000", "--eval_every", "1000000",
+                 *(["--no-group-by-length"] if ungrouped else [])],
         "TRL": [sys.executable, "benchmarks/trl_side.py", pair, *shared],
     }
 
@@ -95,7 +98,7 @@ def timed(command: list[str], output_dir: Path, env: dict) -> tuple[float, float
 
 def run_once(args, env: dict, pair: str, side: str, steps: int, repeat: int) -> tuple[float, float, float, dict]:
     output_dir = args.work / "runs" / f"{pair}-{side}-{steps}steps-{repeat}"
-    return timed(commands(pair, args.work, steps, output_dir, args.learning_rate)[side], output_dir, env)
+    return timed(commands(pair, args.work, steps, output_dir, args.learning_rate, args.ungrouped)[side], output_dir, env)
 
 
 def main():
@@ -106,6 +109,8 @@ def main():
                         help="the two step counts to difference (default: 4 36; 2 10 for online_dpo)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides (OMP_NUM_THREADS)")
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate of both sides")
+    parser.add_argument("--ungrouped", action="store_true",
+                        help="ours without length grouping: the same batches as TRL's, in the same order (what the code does with equal padding)")
     parser.add_argument("--work", type=Path, default=workload.WORK, help="workload folder (built there if missing)")
     args = parser.parse_args()
 
