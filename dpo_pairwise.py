@@ -43,7 +43,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from common import toy
 from common.annotators import make_annotator
-from common.batch import BatchFactory, OnlineBatchFactory, shard_batches, to_device, tokenize_records
+from common.batch import BatchFactory, OnlineBatchFactory, interleave_responses, shard_batches, to_device, tokenize_records
 from common.data import load_eval_records, load_records
 from common.distributed import (Tracker, all_reduce, cleanup, fail, init_distributed, is_main, load_checkpoint, print0,
                                 save_checkpoint, save_pretrained, shard_model, sum_counters)
@@ -184,9 +184,7 @@ def preference_loss(logps1, logps2, reference_logps1, reference_logps2, lengths1
 
 def forward(policy, reference, batch, args):
     """Both generations of every pair in one forward that runs each prompt once, then preference_loss."""
-    inputs = (batch["prompt_token_ids"], batch["prompt_attention_mask"],
-              *(torch.stack([batch[f"generation1_{key}"], batch[f"generation2_{key}"]], 1).flatten(0, 1)  # (2B, Tr): a pair's two rows adjacent
-                for key in ("response_token_ids", "response_attention_mask")))
+    inputs = batch["prompt_token_ids"], batch["prompt_attention_mask"], *interleave_responses(batch)  # (2B, Tr): a pair's rows adjacent
     logps1, logps2 = shared_prompt_logps(policy, *inputs).sum(-1).view(-1, 2).unbind(1)  # (B,), (B,)
     if "generation1_reference_logps" in batch:  # precomputed
         reference_logps1, reference_logps2 = batch["generation1_reference_logps"], batch["generation2_reference_logps"]

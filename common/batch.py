@@ -133,6 +133,13 @@ def collate(rows: list[dict], pad_token_id: int) -> dict:
     return batch
 
 
+def interleave_responses(batch: dict, generations=GENERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The responses alone, (B * G, Tr) ids and attention mask, each row's G generations adjacent: the layout in
+    which common.model.shared_prompt_logps runs each prompt once for all of them."""
+    return tuple(torch.stack([batch[f"{g}_{key}"] for g in generations], 1).flatten(0, 1)
+                 for key in ("response_token_ids", "response_attention_mask"))
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 

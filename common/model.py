@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, DynamicCache
 
 from common import toy
-from common.batch import GENERATIONS, collate, to_device, tokenize_records
+from common.batch import GENERATIONS, collate, interleave_responses, to_device, tokenize_records
 from common.distributed import all_reduce, fail
 
 
@@ -63,9 +63,9 @@ def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 def shared_prompt_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor):
     """log pi(y_t | x, y_<t) for every response token of several responses per prompt: (N, Tr), zero at padding.
     prompt_ids (B, Tp) left-padded; response_ids (N, Tr) right-padded, N = n * B, with prompt i's n responses
-    at rows i*n .. i*n + n - 1. The prompt runs once and its KV cache serves its n responses, so a pair costs
-    P + 2R tokens of compute instead of 2(P + R) (prefix sharing). Gradient checkpointing keeps no cache: then
-    each response runs after its own copy of the prompt, in one forward."""
+    at rows i*n .. i*n + n - 1 (common.batch.interleave_responses). The prompt runs once and its KV cache
+    serves its n responses, so a pair costs P + 2R tokens of compute instead of 2(P + R) (prefix sharing).
+    Gradient checkpointing keeps no cache: then each response runs after its own copy of the prompt."""
     n, (num_prompt, num_response) = response_ids.shape[0] // prompt_ids.shape[0], (prompt_ids.shape[1], response_ids.shape[1])
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
     response_positions = (positions[:, -1:] + 1 + torch.arange(num_response, device=positions.device)).repeat_interleave(n, 0)
@@ -78,6 +78,8 @@ def shared_prompt_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     cache = DynamicCache()
     first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, past_key_values=cache,
                   use_cache=True, logits_to_keep=1).logits  # (B, 1, V): predicts each response's first token
+    # these logits must reach the loss: FSDP2 gathers a layer's parameters for backward through hooks on the
+    # layer's outputs; were they unused, the backward through the cache would find the last layer resharded
     cache.batch_repeat_interleave(n)  # the prompt's keys and values, once per response
     rest = model(input_ids=response_ids, attention_mask=attention_mask, position_ids=response_positions, past_key_values=cache,
                  use_cache=True, logits_to_keep=torch.arange(num_response - 1, device=response_ids.device)).logits  # (N, Tr - 1, V)
@@ -149,9 +151,9 @@ def add_reference_logps(model, rows: list[dict], pad_token_id: int, batch_size: 
     for start in range(0, share, batch_size):
         index = mine[start: start + batch_size]
         batch = to_device(collate([rows[i] for i in index or [0]], pad_token_id), device)  # a dummy batch keeps forwards in step
-        # every generation of the batch in one forward that runs each prompt once (a row's generations adjacent)
-        ids, mask = (torch.stack([batch[f"{g}_{key}"] for g in generations], 1).flatten(0, 1) for key in ("response_token_ids", "response_attention_mask"))
-        sums = shared_prompt_logps(model, batch["prompt_token_ids"], batch["prompt_attention_mask"], ids, mask).sum(-1).view(-1, len(generations))  # (B, G)
+        # every generation of the batch in one forward that runs each prompt once
+        inputs = batch["prompt_token_ids"], batch["prompt_attention_mask"], *interleave_responses(batch, generations)
+        sums = shared_prompt_logps(model, *inputs).sum(-1).view(-1, len(generations))  # (B, G)
         logps[index] = sums[: len(index)].double().cpu()
     logps = all_reduce(logps)
     for i, row in enumerate(rows):
