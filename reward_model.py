@@ -24,6 +24,7 @@ Departures from the paper:
 """
 
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,22 @@ from transformers import get_cosine_schedule_with_warmup
 
 from common.batch import BatchFactory, shard_batches, to_device, tokenize_records
 from common.data import load_eval_records, load_records
-from common.distributed import (Tracker, all_reduce, cleanup, init_distributed, is_main, load_checkpoint, print0,
-                                save_checkpoint, save_pretrained, shard_model, sum_counters)
+from common.distributed import (
+    Tracker,
+    all_reduce,
+    claim_output_dir,
+    cleanup,
+    clip_grad_norm,
+    init_distributed,
+    is_main,
+    load_checkpoint,
+    print0,
+    save_checkpoint,
+    save_pretrained,
+    shard_model,
+    sum_over_processes,
+)
+from common.flags import check_shared_args, require
 from common.model import load_reward_model, load_tokenizer
 from common.reweight import make_reweighter
 
@@ -46,7 +61,7 @@ class Args:
     exp_name: str = "reward_model"
     """name of the run (wandb run name prefix)"""
     seed: int = 1
-    """seed for data order"""
+    """seed for data order, sampling and new weights"""
     output_dir: str = "runs/reward_model"
     """where the final model, args.json, metrics.jsonl and checkpoints go"""
     track: bool = False
@@ -57,6 +72,8 @@ class Args:
     """wandb entity (team or user)"""
     resume: bool = False
     """continue from the newest checkpoint in output_dir"""
+    overwrite: bool = False
+    """start afresh in an output_dir that holds another run's checkpoints, deleting them"""
     save_every: int = 0
     """save a checkpoint every this many steps (0: never)"""
     log_every: int = 10
@@ -64,15 +81,15 @@ class Args:
 
     # model and data
     model_name_or_path: str = "toy"
-    """hub id or local path of a causal LM (usually an SFT model) to start from; `toy` is a random tiny Llama"""
+    """hub id or local path of the causal LM to start from (to align: an SFT model); `toy`: the embedded tiny Llama"""
     dataset: str = "toy"
     """toy, hh, shp, ultrafeedback, a hub id, or a local .jsonl/.json/.parquet/.csv file"""
     dataset_split: str = "train"
     """split to train on"""
     eval_dataset: str | None = None
-    """held-out pairs (default: --dataset's --eval_split; none for a local file)"""
+    """held-out data (default: --dataset's --eval_split; none for a local file)"""
     eval_split: str = "test"
-    """split of held-out pairs"""
+    """split of the held-out data"""
     max_length: int = 512
     """longest prompt + response in tokens"""
     max_prompt_length: int = 256
@@ -80,7 +97,8 @@ class Args:
     group_by_length: bool = True
     """batch examples of similar length together (less padding); the order of batches stays random"""
     reweighter: str = "none"
-    """how much each pair counts: none (the data's weights) or python:MODULE:FUNCTION (common/reweight.py)"""
+    """how much each example counts: none (the data's weights), confidence (online pairs: |2p - 1|, p the annotator's
+    probability that generation1 is better), or python:MODULE:FUNCTION (common/reweight.py)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
 
@@ -88,9 +106,9 @@ class Args:
     max_steps: int = 200
     """optimizer steps"""
     learning_rate: float = 1e-3
-    """peak learning rate of AdamW"""
+    """peak learning rate of AdamW (the toy default; real models need about 1e-5)"""
     per_device_batch_size: int = 32
-    """pairs per micro-batch on each process"""
+    """examples (pairs, in the pairwise scripts) per micro-batch on each process"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
     warmup_steps: int = 10
@@ -109,116 +127,161 @@ class Args:
     # evaluation
     eval_every: int = 50
     """evaluate every this many steps (and at the start and the end)"""
-    num_eval_pairs: int = 512
-    """held-out pairs for eval/loss and eval/accuracy"""
+    num_eval_examples: int = 512
+    """held-out examples (pairs, in the pairwise scripts) for eval/loss"""
 
 
-def bradley_terry_loss(rewards1, rewards2, reward1, reward2, weights):
-    """Weighted per-pair losses and margins. rewards*: the model's r(x, y) for each generation (B,);
-    reward*: the data's rewards, which say which generation is preferred."""
-    generation2_preferred = reward2 > reward1
-    chosen_rewards = torch.where(generation2_preferred, rewards2, rewards1)
-    rejected_rewards = torch.where(generation2_preferred, rewards1, rewards2)
-    margins = chosen_rewards - rejected_rewards
-    losses = -F.logsigmoid(margins)
-    return weights * losses, margins.detach(), chosen_rewards.detach(), rejected_rewards.detach()
-
-
-def forward(model, batch):
-    """Both generations of every pair in one concatenated forward, then the loss."""
+def pair_rewards(model, batch):
+    """r(x, y) of both generations of every pair, (B, 2), in one concatenated forward."""
     ids = torch.cat([batch["generation1_token_ids"], batch["generation2_token_ids"]])  # (2B, T)
     attention_mask = torch.cat([batch["generation1_attention_mask"], batch["generation2_attention_mask"]])
-    rewards1, rewards2 = model(input_ids=ids, attention_mask=attention_mask).logits[:, 0].float().chunk(2)  # (B,), (B,)
-    weights = (batch["generation1_weight"] + batch["generation2_weight"]) / 2
-    return bradley_terry_loss(rewards1, rewards2, batch["generation1_reward"], batch["generation2_reward"], weights)
+    rewards = model(input_ids=ids, attention_mask=attention_mask).logits[:, 0].float()  # (2B,)
+    return torch.stack(rewards.chunk(2), 1)
 
 
-@torch.no_grad()
-def evaluate(model, batches, num_pairs) -> dict:
-    """Mean loss, accuracy and reward over held-out pairs (every process's share)."""
-    sums = torch.zeros(3)
-    for batch in batches:
-        losses, margins, chosen_rewards, rejected_rewards = forward(model, batch)
-        sums += torch.stack([losses.sum(), (margins > 0).float().sum(), (chosen_rewards + rejected_rewards).sum() / 2]).cpu()
-    loss, accuracy, mean_reward = (all_reduce(sums) / num_pairs).tolist()
-    return {"loss": loss, "accuracy": accuracy, "reward_mean": mean_reward}
+def chosen_rejected(values, batch):
+    """(B, 2) values of (generation1, generation2) -> (chosen, rejected), each (B,): the chosen generation is the one
+    with the higher reward in the data (generation1 in offline data)."""
+    generation2_preferred = batch["generation2_reward"] > batch["generation1_reward"]
+    return (
+        torch.where(generation2_preferred, values[:, 1], values[:, 0]),
+        torch.where(generation2_preferred, values[:, 0], values[:, 1]),
+    )
+
+
+def check_args(args: Args):
+    """Every flag's range, before any work; common.flags checks the flags all scripts share."""
+    check_shared_args(args)
+    require(args.num_center_pairs >= 1, "num_center_pairs", args.num_center_pairs, "must be at least 1")
 
 
 def main(args: Args):
+    check_args(args)
     _, world_size, device = init_distributed(args.seed)
+    run_id = claim_output_dir(args.output_dir, args.resume, args.overwrite)  # before any work, so it fails fast
     global_batch_size = args.per_device_batch_size * args.gradient_accumulation_steps * world_size
-    print0(f"{world_size} process(es) on {device.type}; global batch {global_batch_size} pairs = {args.per_device_batch_size} "
-           f"per device x {args.gradient_accumulation_steps} accumulation x {world_size} processes")
+    print0(
+        f"{world_size} process(es) on {device.type}; global batch {global_batch_size} pairs = "
+        f"{args.per_device_batch_size} per device x {args.gradient_accumulation_steps} accumulation x "
+        f"{world_size} processes"
+    )
 
     tokenizer = load_tokenizer(args.model_name_or_path)
-    model = load_reward_model(args.model_name_or_path, tokenizer, device, from_causal_lm=True)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = shard_model(model, device)
-    rows = tokenize_records(load_records(args.dataset, args.dataset_split, "pairwise"), tokenizer, args.max_length, args.max_prompt_length)
-    reweighter = make_reweighter(args.reweighter)
-    factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed,
-                           args.group_by_length, reweighter)
-    eval_records = load_eval_records(args.dataset, args.eval_dataset, args.eval_split, "pairwise", args.num_eval_pairs)
-    eval_rows = tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length) if eval_records else []
+    records = load_records(
+        args.dataset, args.dataset_split, "pairwise"
+    )  # data first: bad data fails before a model loads
+    rows = tokenize_records(records, tokenizer, args.max_length, args.max_prompt_length)
+    factory = BatchFactory(
+        rows,
+        pad_token_id=tokenizer.pad_token_id,
+        micro_batch_size=args.per_device_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        seed=args.seed,
+        group_by_length=args.group_by_length,
+        reweighter=make_reweighter(args.reweighter),
+    )
+    eval_records = load_eval_records(
+        args.dataset, args.eval_dataset, args.eval_split, "pairwise", args.num_eval_examples
+    )
+    eval_rows = (
+        tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length) if eval_records else []
+    )
     eval_batches = shard_batches(eval_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
-    num_eval_pairs = sum(len(b["prompt"]) for b in eval_batches) * world_size
+    model = load_reward_model(
+        args.model_name_or_path,
+        tokenizer,
+        device,
+        from_causal_lm=True,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    model = shard_model(model, device)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)  # one kernel for all parameters
+    @torch.no_grad()
+    def evaluate(batches) -> dict:
+        """Loss (unweighted), accuracy, margin and mean reward over held-out pairs (every process's share)."""
+        sums = defaultdict(float)
+        for batch in batches:
+            chosen_rewards, rejected_rewards = chosen_rejected(pair_rewards(model, batch), batch)
+            sums["eval/loss"] += -F.logsigmoid(chosen_rewards - rejected_rewards).sum()
+            sums["eval/rewards/accuracies"] += (chosen_rewards > rejected_rewards).float().sum()
+            sums["eval/rewards/margins"] += (chosen_rewards - rejected_rewards).sum()
+            sums["eval/rewards/mean"] += (chosen_rewards + rejected_rewards).sum() / 2
+        num_pairs = all_reduce(sum(len(b["prompt"]) for b in batches)).item()
+        return {name: value / num_pairs for name, value in sum_over_processes(sums).items()} if num_pairs else {}
+
+    optimizer = torch.optim.AdamW(model.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     start_step = 0
     if args.resume:
         start_step, data_state = load_checkpoint(args.output_dir, model, optimizer, scheduler)
         factory.load_state_dict(data_state)
     tracker = Tracker(args, resume_step=start_step if args.resume else None)
+    if start_step == 0:
+        tracker.log(0, evaluate(eval_batches))
 
     model.train()
-    for step in tqdm(range(start_step, args.max_steps), disable=not is_main(), initial=start_step, total=args.max_steps):
-        if eval_batches and (step % args.eval_every == 0):
-            metrics = evaluate(model, eval_batches, num_eval_pairs)
-            tracker.log(step, {"eval/loss": metrics["loss"], "eval/accuracy": metrics["accuracy"]})
+    steps = range(start_step, args.max_steps)
+    for step in tqdm(steps, initial=start_step, total=args.max_steps, disable=not is_main()):
         step_start = time.perf_counter()
         # 1. get batch: this process's micro-batches of pairs for one optimizer step
         batches = [to_device(b, device) for b in factory.next_step()]
         num_pairs = all_reduce(sum(len(b["prompt"]) for b in batches)).item()
-        sums = torch.zeros(4)
+        sums = defaultdict(float)  # per-step sums of the logged metrics, by name
         for i, batch in enumerate(batches):
             model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce gradients once per step
-            # 2. forward: chosen and rejected in one concatenated forward
-            losses, margins, chosen_rewards, rejected_rewards = forward(model, batch)
+            # 2. forward: r(x, y) of both responses of each pair, (B, 2), then oriented into chosen and rejected
+            chosen_rewards, rejected_rewards = chosen_rejected(pair_rewards(model, batch), batch)
+            weights = (batch["generation1_weight"] + batch["generation2_weight"]) / 2  # (B,), departure 2
+
             # 3. loss: weighted losses over this micro-batch / global pair count; FSDP averages gradients
             # over processes, so * world_size makes the sum over processes the global mean
-            loss = losses.sum() / num_pairs * world_size
+            margins = chosen_rewards - rejected_rewards
+            losses = -F.logsigmoid(margins)
+            loss = (weights * losses).sum() / num_pairs * world_size
             loss.backward()
-            sums += torch.stack([losses.sum(), (margins > 0).float().sum(), chosen_rewards.sum(), rejected_rewards.sum()]).detach().cpu()
+
+            with torch.no_grad():  # diagnostics
+                sums["train/loss"] += (weights * losses).sum()
+                sums["rewards/chosen"] += chosen_rewards.sum()
+                sums["rewards/rejected"] += rejected_rewards.sum()
+                sums["rewards/margins"] += margins.sum()
+                sums["rewards/accuracies"] += (margins > 0).float().sum()
         # 4. step
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = clip_grad_norm(model, args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # 5. log
+        # 5. log: one object per step in metrics.jsonl; each per-pair sum over all processes / the global pair count
+        metrics = {}
         if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
-            loss, accuracy, chosen, rejected = (all_reduce(sums) / num_pairs).tolist()
+            num_tokens = sum(
+                b["generation1_attention_mask"].sum() + b["generation2_attention_mask"].sum() for b in batches
+            )
+            num_tokens = all_reduce(num_tokens).item()
             elapsed = time.perf_counter() - step_start
-            tracker.log(step + 1, {
-                "train/loss": loss, "train/accuracy": accuracy, "rewards/chosen": chosen, "rewards/rejected": rejected,
-                "rewards/margins": chosen - rejected,
-                "train/grad_norm": grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm,
-                "train/lr": scheduler.get_last_lr()[0], "train/pairs_per_s": num_pairs / elapsed,
-            })
-            if reweighter is not None:
-                tracker.log(step + 1, reweighter.metrics(sum_counters(reweighter.stats)))
+            metrics |= {name: value / num_pairs for name, value in sum_over_processes(sums).items()}
+            metrics |= {
+                "train/grad_norm": grad_norm,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/tokens_per_s": num_tokens / elapsed,
+                "train/pairs_per_s": num_pairs / elapsed,
+            }
+            if factory.reweighter is not None:
+                metrics |= factory.reweighter.metrics(sum_over_processes(factory.reweighter.stats))
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
+            eval_metrics = evaluate(eval_batches)
+            metrics |= eval_metrics
+            print0(f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items()))
+        if metrics:
+            tracker.log(step + 1, metrics)
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(args.output_dir, step + 1, model, optimizer, scheduler, factory.state_dict())
+            save_checkpoint(args.output_dir, step + 1, model, optimizer, scheduler, factory.state_dict(), run_id)
 
-    if eval_batches:
-        metrics = evaluate(model, eval_batches, num_eval_pairs)
-        tracker.log(args.max_steps, {"eval/loss": metrics["loss"], "eval/accuracy": metrics["accuracy"]})
-        print0(f"eval/accuracy {metrics['accuracy']:.3f}, eval/loss {metrics['loss']:.3f}")
-    if args.center_rewards:
-        center_batches = shard_batches(rows[: args.num_center_pairs], tokenizer.pad_token_id, args.per_device_batch_size, device)
-        model.config.reward_mean = evaluate(model, center_batches, sum(len(b["prompt"]) for b in center_batches) * world_size)["reward_mean"]
+    if args.center_rewards:  # departure 1
+        center_rows = rows[: args.num_center_pairs]
+        center_batches = shard_batches(center_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
+        model.config.reward_mean = evaluate(center_batches)["eval/rewards/mean"]
         print0(f"centred: reward_mean {model.config.reward_mean:.4f} recorded in the config")
     save_pretrained(model, tokenizer, args.output_dir)
     print0(f"saved to {args.output_dir}")

@@ -24,10 +24,24 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from common import toy
-from common.batch import BatchFactory, to_device, tokenize_records
-from common.data import load_records
-from common.distributed import (Tracker, all_reduce, cleanup, init_distributed, is_main, load_checkpoint, print0,
-                                save_checkpoint, save_pretrained, shard_model, sum_counters)
+from common.batch import BatchFactory, shard_batches, to_device, tokenize_records
+from common.data import load_eval_records, load_records
+from common.distributed import (
+    Tracker,
+    all_reduce,
+    claim_output_dir,
+    cleanup,
+    clip_grad_norm,
+    init_distributed,
+    is_main,
+    load_checkpoint,
+    print0,
+    save_checkpoint,
+    save_pretrained,
+    shard_model,
+    sum_over_processes,
+)
+from common.flags import check_shared_args, require
 from common.model import load_causal_lm, load_tokenizer, response_logps
 from common.reweight import make_reweighter
 
@@ -38,7 +52,7 @@ class Args:
     exp_name: str = "sft"
     """name of the run (wandb run name prefix)"""
     seed: int = 1
-    """seed for data order and sampling"""
+    """seed for data order, sampling and new weights"""
     output_dir: str = "runs/sft"
     """where the final model, args.json, metrics.jsonl and checkpoints go"""
     track: bool = False
@@ -49,6 +63,8 @@ class Args:
     """wandb entity (team or user)"""
     resume: bool = False
     """continue from the newest checkpoint in output_dir"""
+    overwrite: bool = False
+    """start afresh in an output_dir that holds another run's checkpoints, deleting them"""
     save_every: int = 0
     """save a checkpoint every this many steps (0: never)"""
     log_every: int = 10
@@ -56,11 +72,15 @@ class Args:
 
     # model and data
     model_name_or_path: str = "toy"
-    """hub id or local path of a causal LM; `toy` is the embedded tiny Llama (random init)"""
+    """hub id or local path of the causal LM to start from (to align: an SFT model); `toy`: the embedded tiny Llama"""
     dataset: str = "toy"
     """toy, hh, shp, ultrafeedback, a hub id, or a local .jsonl/.json/.parquet/.csv file"""
     dataset_split: str = "train"
     """split to train on"""
+    eval_dataset: str | None = None
+    """held-out data (default: --dataset's --eval_split; none for a local file)"""
+    eval_split: str = "test"
+    """split of the held-out data"""
     max_length: int = 512
     """longest prompt + response in tokens"""
     max_prompt_length: int = 256
@@ -68,7 +88,8 @@ class Args:
     group_by_length: bool = True
     """batch examples of similar length together (less padding); the order of batches stays random"""
     reweighter: str = "none"
-    """how much each example counts: none (the data's weights) or python:MODULE:FUNCTION (common/reweight.py)"""
+    """how much each example counts: none (the data's weights), confidence (online pairs: |2p - 1|, p the annotator's
+    probability that generation1 is better), or python:MODULE:FUNCTION (common/reweight.py)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
 
@@ -76,9 +97,9 @@ class Args:
     max_steps: int = 600
     """optimizer steps"""
     learning_rate: float = 3e-3
-    """peak learning rate of AdamW"""
+    """peak learning rate of AdamW (the toy default; real models need about 1e-5)"""
     per_device_batch_size: int = 64
-    """examples per micro-batch on each process"""
+    """examples (pairs, in the pairwise scripts) per micro-batch on each process"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
     warmup_steps: int = 20
@@ -88,82 +109,129 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
 
-    # evaluation (toy only: the true reward is known)
+    # evaluation
     eval_every: int = 100
     """evaluate every this many steps (and at the start and the end)"""
+    num_eval_examples: int = 512
+    """held-out examples (pairs, in the pairwise scripts) for eval/loss"""
     num_eval_prompts: int = 512
-    """held-out prompts sampled for eval/reward"""
+    """toy only: held-out prompts sampled for eval/reward"""
     eval_temperature: float = 1.0
     """sampling temperature for eval/reward (1.0 measures the policy itself, not its mode)"""
 
 
+def check_args(args: Args):
+    """Every flag's range, before any work; common.flags checks the flags all scripts share."""
+    check_shared_args(args)
+    require(args.eval_temperature >= 0, "eval_temperature", args.eval_temperature, "must be 0 (greedy) or more")
+
+
 def main(args: Args):
+    check_args(args)
     _, world_size, device = init_distributed(args.seed)
+    run_id = claim_output_dir(args.output_dir, args.resume, args.overwrite)  # before any work, so it fails fast
     global_batch_size = args.per_device_batch_size * args.gradient_accumulation_steps * world_size
-    print0(f"{world_size} process(es) on {device.type}; global batch {global_batch_size} = {args.per_device_batch_size} "
-           f"per device x {args.gradient_accumulation_steps} accumulation x {world_size} processes")
+    print0(
+        f"{world_size} process(es) on {device.type}; global batch {global_batch_size} = {args.per_device_batch_size} "
+        f"per device x {args.gradient_accumulation_steps} accumulation x {world_size} processes"
+    )
 
     tokenizer = load_tokenizer(args.model_name_or_path)
+    records = load_records(args.dataset, args.dataset_split, "sft")  # data first: bad data fails before a model loads
+    factory = BatchFactory(
+        tokenize_records(records, tokenizer, args.max_length, args.max_prompt_length),
+        pad_token_id=tokenizer.pad_token_id,
+        micro_batch_size=args.per_device_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        seed=args.seed,
+        group_by_length=args.group_by_length,
+        reweighter=make_reweighter(args.reweighter),
+    )
+    eval_records = load_eval_records(args.dataset, args.eval_dataset, args.eval_split, "sft", args.num_eval_examples)
+    eval_rows = (
+        tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length) if eval_records else []
+    )
+    eval_batches = shard_batches(eval_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
     model = shard_model(load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing), device)
     print0(f"model: {args.model_name_or_path}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    rows = tokenize_records(load_records(args.dataset, args.dataset_split, "sft"), tokenizer, args.max_length, args.max_prompt_length)
-    reweighter = make_reweighter(args.reweighter)
-    factory = BatchFactory(rows, tokenizer.pad_token_id, args.per_device_batch_size, args.gradient_accumulation_steps, args.seed,
-                           args.group_by_length, reweighter)
-    eval_batch = toy.eval_batch(tokenizer, args.num_eval_prompts, device) if args.dataset == "toy" else None
+    toy_batch = toy.eval_batch(tokenizer, args.num_eval_prompts, device) if args.dataset == "toy" else None
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)  # one kernel for all parameters
+    @torch.no_grad()
+    def evaluate() -> dict:
+        """eval/loss: held-out NLL per response token (unweighted); on toy, eval/reward (samples' true reward)."""
+        metrics, nll, num_response_tokens = {}, 0.0, 0.0
+        for batch in eval_batches:
+            ids, mask = batch["generation1_token_ids"], batch["generation1_attention_mask"]
+            logps, response_mask = response_logps(model, ids, mask, batch["generation1_response_mask"])
+            nll, num_response_tokens = nll - logps.sum(), num_response_tokens + response_mask.sum()
+        if eval_batches:
+            metrics["eval/loss"] = (all_reduce(nll) / all_reduce(num_response_tokens)).item()
+        if toy_batch is not None:
+            metrics |= toy.evaluate(
+                model, tokenizer, toy_batch, args.num_eval_prompts, args.eval_temperature, args.seed
+            )
+        return metrics
+
+    optimizer = torch.optim.AdamW(model.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     start_step = 0
     if args.resume:
         start_step, data_state = load_checkpoint(args.output_dir, model, optimizer, scheduler)
         factory.load_state_dict(data_state)
     tracker = Tracker(args, resume_step=start_step if args.resume else None)
-    if eval_batch is not None and start_step == 0:
-        tracker.log(0, toy.evaluate(model, tokenizer, eval_batch, args.num_eval_prompts, args.eval_temperature, args.seed))
+    if start_step == 0:
+        tracker.log(0, evaluate())
 
     model.train()
-    for step in tqdm(range(start_step, args.max_steps), disable=not is_main(), initial=start_step, total=args.max_steps):
+    steps = range(start_step, args.max_steps)
+    for step in tqdm(steps, initial=start_step, total=args.max_steps, disable=not is_main()):
         step_start = time.perf_counter()
         # 1. get batch: this process's micro-batches for one optimizer step
         batches = [to_device(b, device) for b in factory.next_step()]
         num_response_tokens = all_reduce(sum(b["generation1_response_mask"].sum() for b in batches)).item()
-        nll_sum = torch.zeros((), device=device)
+        nll_sum = 0.0
         for i, batch in enumerate(batches):
             model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce gradients once per step
-            # 2. forward: log-probs of the response tokens
-            logps, mask = response_logps(model, batch["generation1_token_ids"], batch["generation1_attention_mask"],
-                                         batch["generation1_response_mask"])  # (B, K)
+            # 2. forward: log-probs of the response tokens, (B, K), zero outside the responses
+            ids, mask = batch["generation1_token_ids"], batch["generation1_attention_mask"]
+            logps, _ = response_logps(model, ids, mask, batch["generation1_response_mask"])
             # 3. loss: weighted NLL summed over this micro-batch's response tokens, divided by the global
             # token count. Summing over micro-batches gives the global mean's share of this process;
             # FSDP averages gradients over processes, so * world_size makes their sum the global mean.
-            nll = -(logps * batch["generation1_weight"][:, None]).sum()
+            nll = -(batch["generation1_weight"][:, None] * logps).sum()
             loss = nll / num_response_tokens * world_size
             loss.backward()
             nll_sum += nll.detach()
         # 4. step
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = clip_grad_norm(model, args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # 5. log
+        # 5. log: one object per step in metrics.jsonl
+        metrics = {}
         if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
             num_tokens = all_reduce(sum(b["generation1_attention_mask"].sum() for b in batches)).item()
-            tracker.log(step + 1, {
+            elapsed = time.perf_counter() - step_start
+            metrics |= {
                 "train/loss": all_reduce(nll_sum).item() / num_response_tokens,
-                "train/grad_norm": grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm,
+                "train/grad_norm": grad_norm,
                 "train/lr": scheduler.get_last_lr()[0],
-                "train/tokens_per_s": num_tokens / (time.perf_counter() - step_start),
-            })
-            if reweighter is not None:
-                tracker.log(step + 1, reweighter.metrics(sum_counters(reweighter.stats)))
-        if eval_batch is not None and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
-            metrics = toy.evaluate(model, tokenizer, eval_batch, args.num_eval_prompts, args.eval_temperature, args.seed)
+                "train/tokens_per_s": num_tokens / elapsed,
+                "train/examples_per_s": sum(len(b["prompt"]) for b in batches) * world_size / elapsed,
+            }
+            if factory.reweighter is not None:
+                metrics |= factory.reweighter.metrics(sum_over_processes(factory.reweighter.stats))
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
+            eval_metrics = evaluate()
+            metrics |= eval_metrics
+            print0(
+                f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items() if "per_s" not in k)
+            )
+        if metrics:
             tracker.log(step + 1, metrics)
-            print0(f"step {step + 1}: eval/reward {metrics['eval/reward']:.3f}")
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(args.output_dir, step + 1, model, optimizer, scheduler, factory.state_dict())
+            save_checkpoint(args.output_dir, step + 1, model, optimizer, scheduler, factory.state_dict(), run_id)
 
     save_pretrained(model, tokenizer, args.output_dir)
     print0(f"saved to {args.output_dir}")

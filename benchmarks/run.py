@@ -41,53 +41,101 @@ PAIRS = {  # name -> (our script, data file in the work folder, unit, default N1
 }
 
 
-def commands(pair: str, work: Path, steps: int, output_dir: Path, learning_rate: float, ungrouped: bool = False) -> dict[str, list[str]]:
+def commands(
+    pair: str, work: Path, steps: int, output_dir: Path, learning_rate: float, ungrouped: bool = False
+) -> dict[str, list[str]]:
     """The two command lines of a pair, on the same files and settings (the flags are our scripts' names).
     ungrouped: ours without length grouping, so both sides train on the same batches in the same order."""
     script, data, _, _ = PAIRS[pair]
-    shared = ["--model_name_or_path", str(work), "--dataset", str(work / data), "--output_dir", str(output_dir),
-              "--max_steps", str(steps), "--seed", "1", "--per_device_batch_size", str(workload.BATCH_SIZE),
-              "--learning_rate", str(learning_rate), "--warmup_steps", "20", "--max_length", str(workload.MAX_LENGTH)]
+    shared = [
+        "--model_name_or_path",
+        str(work),
+        "--dataset",
+        str(work / data),
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        str(steps),
+        "--seed",
+        "1",
+        "--per_device_batch_size",
+        str(workload.BATCH_SIZE),
+        "--learning_rate",
+        str(learning_rate),
+        "--warmup_steps",
+        "20",
+        "--max_length",
+        str(workload.MAX_LENGTH),
+    ]
     if pair in ("dpo", "online_dpo"):
         shared += ["--beta", "0.1"]
     if pair == "online_dpo":
-        shared += ["--annotator", f"reward_model:{work / 'rm'}", "--max_new_tokens", str(workload.MAX_NEW_TOKENS),
-                   "--temperature", str(workload.TEMPERATURE)]
+        shared += [
+            "--annotator",
+            f"reward_model:{work / 'rm'}",
+            "--generation.max_new_tokens",
+            str(workload.MAX_NEW_TOKENS),
+            "--generation.temperature",
+            str(workload.TEMPERATURE),
+        ]
     return {
-        "ours": [sys.executable, script, *shared, *(["--online"] if pair == "online_dpo" else []),
-                 "--max_prompt_length", str(workload.MAX_PROMPT_LENGTH), "--log_every", "1000000", "--eval_every", "1000000",
-                 *(["--no-group-by-length"] if ungrouped else [])],
+        "ours": [
+            sys.executable,
+            script,
+            *shared,
+            *(["--online"] if pair == "online_dpo" else []),
+            "--max_prompt_length",
+            str(workload.MAX_PROMPT_LENGTH),
+            "--log_every",
+            "1000000",
+            "--eval_every",
+            "1000000",
+            *(["--no-group-by-length"] if ungrouped else []),
+        ],
         "TRL": [sys.executable, "benchmarks/trl_side.py", pair, *shared],
     }
 
 
 def generation_stats(output_dir: Path) -> dict:
-    """Sampling of an online run, whole run: ours from its metrics.jsonl (logged once, at the end, over every step),
-    TRL's from the totals trl_side.py writes. Empty for offline pairs."""
+    """Sampling of an online run: ours from its metrics.jsonl (logged once, at the end: the last step's sampling),
+    TRL's from the totals trl_side.py writes (the whole run). Empty for offline pairs."""
     if (output_dir / "generation.json").exists():
         t = json.loads((output_dir / "generation.json").read_text())
-        return {"generated_tokens_per_s": t["generated_tokens"] / t["generation_seconds"],
-                "response_length": t["generated_tokens"] / t["responses"], "eos_rate": t["eos"] / t["responses"],
-                "longest": t["longest"]}
+        return {
+            "generated_tokens_per_s": t["generated_tokens"] / t["generation_seconds"],
+            "response_length": t["generated_tokens"] / t["responses"],
+            "eos_rate": t["eos"] / t["responses"],
+            "longest": t["longest"],
+        }
     metrics = {}
     if (output_dir / "metrics.jsonl").exists():
         for line in open(output_dir / "metrics.jsonl"):
             metrics |= json.loads(line)
     if "online/generated_tokens_per_s" not in metrics:
         return {}
-    return {k.removeprefix("online/"): metrics[k] for k in
-            ("online/generated_tokens_per_s", "online/response_length", "online/eos_rate", "online/kept_fraction")}
+    return {
+        k.removeprefix("online/"): metrics[k]
+        for k in ("online/generated_tokens_per_s", "online/response_length", "online/eos_rate", "online/kept_fraction")
+    }
 
 
 def timed(command: list[str], output_dir: Path, env: dict) -> tuple[float, float, float, dict]:
-    """(wall seconds, CPU seconds, peak RSS in MiB, generation stats) of one subprocess; its output goes to <output_dir>.log."""
+    """(wall seconds, CPU seconds, peak RSS in MiB, generation stats) of one subprocess; its output goes to
+    <output_dir>.log."""
     shutil.rmtree(output_dir, ignore_errors=True)
     log, stats = output_dir.with_suffix(".log"), output_dir.with_suffix(".time")
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(env, HF_DATASETS_CACHE=str(output_dir / "datasets_cache"))  # a fresh cache: every run does the same start-up
+    env = dict(
+        env, HF_DATASETS_CACHE=str(output_dir / "datasets_cache")
+    )  # a fresh cache: every run does the same start-up
     with open(log, "w") as f:
-        process = subprocess.run(["/usr/bin/time", "-o", str(stats), "-f", "%e %U %S %M", *command],
-                                 cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        process = subprocess.run(
+            ["/usr/bin/time", "-o", str(stats), "-f", "%e %U %S %M", *command],
+            cwd=ROOT,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     if process.returncode:
         raise SystemExit(f"failed with exit code {process.returncode}: {' '.join(command)}\n  see {log}")
     generation = generation_stats(output_dir)
@@ -98,19 +146,30 @@ def timed(command: list[str], output_dir: Path, env: dict) -> tuple[float, float
 
 def run_once(args, env: dict, pair: str, side: str, steps: int, repeat: int) -> tuple[float, float, float, dict]:
     output_dir = args.work / "runs" / f"{pair}-{side}-{steps}steps-{repeat}"
-    return timed(commands(pair, args.work, steps, output_dir, args.learning_rate, args.ungrouped)[side], output_dir, env)
+    return timed(
+        commands(pair, args.work, steps, output_dir, args.learning_rate, args.ungrouped)[side], output_dir, env
+    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=list(PAIRS), help="which pairs to run")
     parser.add_argument("--repeats", type=int, default=2, help="measurements of each side, alternating ours and TRL")
-    parser.add_argument("--steps", type=int, nargs=2, default=None, metavar=("N1", "N2"),
-                        help="the two step counts to difference (default: 4 36; 2 10 for online_dpo)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("N1", "N2"),
+        help="the two step counts to difference (default: 4 36; 2 10 for online_dpo)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides (OMP_NUM_THREADS)")
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate of both sides")
-    parser.add_argument("--ungrouped", action="store_true",
-                        help="ours without length grouping: the same batches as TRL's, in the same order (what the code does with equal padding)")
+    parser.add_argument(
+        "--ungrouped",
+        action="store_true",
+        help="ours without length grouping: the same batches as TRL's, in the same order (equal padding)",
+    )
     parser.add_argument("--work", type=Path, default=workload.WORK, help="workload folder (built there if missing)")
     args = parser.parse_args()
 
@@ -119,9 +178,15 @@ def main():
     if not (args.work / "rm" / "model.safetensors").exists():  # a workload built before online_dpo
         workload.build_reward_model(args.work)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
-    subprocess.run([sys.executable, "-c", "import trl.trainer"], env=env, check=True)  # warm the file cache for the first run
-    print(f"torch {version('torch')}, transformers {version('transformers')}, trl {version('trl')}; {args.threads} thread(s); "
-          f"load average {os.getloadavg()[0]:.2f} (should be ~0: other processes distort the timings)", flush=True)
+    subprocess.run(
+        [sys.executable, "-c", "import trl.trainer"], env=env, check=True
+    )  # warm the file cache for the first run
+    print(
+        f"torch {version('torch')}, transformers {version('transformers')}, trl {version('trl')}; "
+        f"{args.threads} thread(s); "
+        f"load average {os.getloadavg()[0]:.2f} (should be ~0: other processes distort the timings)",
+        flush=True,
+    )
     rows = []
     for pair in args.pairs:
         script, _, unit, default_steps = PAIRS[pair]
@@ -132,24 +197,45 @@ def main():
         rates, cpu_rates, peaks, generated = ({"ours": [], "TRL": []} for _ in range(4))
         for repeat in range(args.repeats):
             for side in ("ours", "TRL"):
-                (wall1, cpu1, peak1, _), (wall2, cpu2, peak2, generation) = (run_once(args, env, pair, side, steps, repeat) for steps in (n1, n2))
+                (wall1, cpu1, peak1, _), (wall2, cpu2, peak2, generation) = (
+                    run_once(args, env, pair, side, steps, repeat) for steps in (n1, n2)
+                )
                 rates[side].append((n2 - n1) * workload.BATCH_SIZE / (wall2 - wall1))
                 cpu_rates[side].append((n2 - n1) * workload.BATCH_SIZE / (cpu2 - cpu1))
                 peaks[side].append(max(peak1, peak2))
-                print(f"{pair} repeat {repeat + 1} {side:>4}: {wall1:6.1f} s for {n1} steps, {wall2:6.1f} s for {n2} steps "
-                      f"-> {rates[side][-1]:6.2f} {unit}/s ({cpu_rates[side][-1]:6.2f} per CPU-second), "
-                      f"peak RSS {peaks[side][-1]:.0f} MiB", flush=True)
+                print(
+                    f"{pair} repeat {repeat + 1} {side:>4}: {wall1:6.1f} s for {n1} steps, "
+                    f"{wall2:6.1f} s for {n2} steps "
+                    f"-> {rates[side][-1]:6.2f} {unit}/s ({cpu_rates[side][-1]:6.2f} per CPU-second), "
+                    f"peak RSS {peaks[side][-1]:.0f} MiB",
+                    flush=True,
+                )
                 if generation:  # the N2 run's, over all its steps
                     generated[side].append(generation["generated_tokens_per_s"])
-                    print(f"    generation ({n2} steps): " + ", ".join(f"{k} {v:.3f}" for k, v in generation.items()), flush=True)
-        (ours, theirs), (ours_cpu, theirs_cpu) = ([sum(r[s]) / len(r[s]) for s in ("ours", "TRL")] for r in (rates, cpu_rates))
-        rows.append(f"| {pair} | {ours:.2f} {unit}/s | {theirs:.2f} {unit}/s | {ours / theirs:.2f} | {ours_cpu / theirs_cpu:.2f} | "
-                    f"{max(peaks['ours']):.0f} MiB | {max(peaks['TRL']):.0f} MiB |")
+                    print(
+                        f"    generation ({n2} steps): " + ", ".join(f"{k} {v:.3f}" for k, v in generation.items()),
+                        flush=True,
+                    )
+        (ours, theirs), (ours_cpu, theirs_cpu) = (
+            [sum(r[s]) / len(r[s]) for s in ("ours", "TRL")] for r in (rates, cpu_rates)
+        )
+        rows.append(
+            f"| {pair} | {ours:.2f} {unit}/s | {theirs:.2f} {unit}/s | {ours / theirs:.2f} | "
+            f"{ours_cpu / theirs_cpu:.2f} | "
+            f"{max(peaks['ours']):.0f} MiB | {max(peaks['TRL']):.0f} MiB |"
+        )
         if generated["ours"]:
             ours_generated, theirs_generated = (sum(generated[s]) / len(generated[s]) for s in ("ours", "TRL"))
-            print(f"{pair} generated tokens/s (mean of the N2 runs): ours {ours_generated:.0f}, TRL {theirs_generated:.0f}, "
-                  f"ours/TRL {ours_generated / theirs_generated:.2f}", flush=True)
-    print("\n| pair | ours | TRL | ours/TRL | ours/TRL by CPU time | ours peak RSS | TRL peak RSS |\n|---|---|---|---|---|---|---|")
+            print(
+                f"{pair} generated tokens/s (mean of the N2 runs): ours {ours_generated:.0f}, "
+                f"TRL {theirs_generated:.0f}, "
+                f"ours/TRL {ours_generated / theirs_generated:.2f}",
+                flush=True,
+            )
+    print(
+        "\n| pair | ours | TRL | ours/TRL | ours/TRL by CPU time | ours peak RSS | TRL peak RSS |"
+        "\n|---|---|---|---|---|---|---|"
+    )
     print("\n".join(rows))
 
 

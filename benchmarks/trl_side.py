@@ -24,7 +24,11 @@ from datasets import load_dataset
 from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
-TRAINERS = {"sft": (SFTConfig, SFTTrainer), "reward_model": (RewardConfig, RewardTrainer), "dpo": (DPOConfig, DPOTrainer)}
+TRAINERS = {
+    "sft": (SFTConfig, SFTTrainer),
+    "reward_model": (RewardConfig, RewardTrainer),
+    "dpo": (DPOConfig, DPOTrainer),
+}
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("trainer", choices=[*TRAINERS, "online_dpo"])
@@ -38,9 +42,19 @@ parser.add_argument("--learning_rate", type=float, default=1e-4, help="peak lear
 parser.add_argument("--max_length", type=int, default=256, help="longest prompt + response in tokens")
 parser.add_argument("--warmup_steps", type=int, default=20, help="linear warmup steps, then cosine decay to 0")
 parser.add_argument("--beta", type=float, default=0.1, help="DPO's beta")
-parser.add_argument("--annotator", default=None, help="online_dpo: reward_model:PATH, the reward model scoring the samples")
-parser.add_argument("--max_new_tokens", type=int, default=64, help="online_dpo: longest sampled response in tokens")
-parser.add_argument("--temperature", type=float, default=1.0, help="online_dpo: sampling temperature")
+parser.add_argument(
+    "--annotator", default=None, help="online_dpo: reward_model:PATH, the reward model scoring the samples"
+)
+parser.add_argument(
+    "--generation.max_new_tokens",
+    dest="max_new_tokens",
+    type=int,
+    default=64,
+    help="online_dpo: longest sampled response in tokens",
+)
+parser.add_argument(
+    "--generation.temperature", dest="temperature", type=float, default=1.0, help="online_dpo: sampling temperature"
+)
 args = parser.parse_args()
 
 if args.trainer == "online_dpo":  # imported only when chosen: trl.experimental warns on import
@@ -49,14 +63,35 @@ if args.trainer == "online_dpo":  # imported only when chosen: trl.experimental 
     config_class, trainer_class = OnlineDPOConfig, OnlineDPOTrainer
 else:
     config_class, trainer_class = TRAINERS[args.trainer]
-method = {"sft": {"completion_only_loss": True}, "reward_model": {}, "dpo": {"beta": args.beta, "loss_type": ["sigmoid"]},
-          "online_dpo": {"beta": args.beta, "loss_type": "sigmoid", "max_new_tokens": args.max_new_tokens,
-                         "temperature": args.temperature, "use_vllm": False}}[args.trainer]
+method = {
+    "sft": {"completion_only_loss": True},
+    "reward_model": {},
+    "dpo": {"beta": args.beta, "loss_type": ["sigmoid"]},
+    "online_dpo": {
+        "beta": args.beta,
+        "loss_type": "sigmoid",
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "use_vllm": False,
+    },
+}[args.trainer]
 config = config_class(
-    output_dir=args.output_dir, max_steps=args.max_steps, seed=args.seed, per_device_train_batch_size=args.per_device_batch_size,
-    learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=args.warmup_steps, max_length=args.max_length,
-    bf16=False, activation_checkpointing=False, model_init_kwargs={"dtype": "float32"},
-    eval_strategy="no", save_strategy="no", report_to="none", logging_steps=args.max_steps, **method,
+    output_dir=args.output_dir,
+    max_steps=args.max_steps,
+    seed=args.seed,
+    per_device_train_batch_size=args.per_device_batch_size,
+    learning_rate=args.learning_rate,
+    lr_scheduler_type="cosine",
+    warmup_steps=args.warmup_steps,
+    max_length=args.max_length,
+    bf16=False,
+    activation_checkpointing=False,
+    model_init_kwargs={"dtype": "float32"},
+    eval_strategy="no",
+    save_strategy="no",
+    report_to="none",
+    logging_steps=args.max_steps,
+    **method,
 )
 train_dataset = load_dataset("json", data_files=args.dataset, split="train")
 if args.trainer != "online_dpo":
@@ -66,9 +101,13 @@ if args.trainer != "online_dpo":
 kind, _, reward_model = (args.annotator or "").partition(":")
 if kind != "reward_model" or not reward_model:
     parser.error("online_dpo needs --annotator reward_model:PATH")
-trainer = OnlineDPOTrainer(model=args.model_name_or_path, reward_funcs=reward_model, args=config,
-                           train_dataset=train_dataset.select_columns(["prompt"]),
-                           processing_class=AutoTokenizer.from_pretrained(args.model_name_or_path))
+trainer = OnlineDPOTrainer(
+    model=args.model_name_or_path,
+    reward_funcs=reward_model,
+    args=config,
+    train_dataset=train_dataset.select_columns(["prompt"]),
+    processing_class=AutoTokenizer.from_pretrained(args.model_name_or_path),
+)
 totals = {"calls": 0, "responses": 0, "generated_tokens": 0, "eos": 0, "generation_seconds": 0.0, "longest": 0}
 generate = trainer._generate
 

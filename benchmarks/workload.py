@@ -3,7 +3,8 @@
     config.json, model.safetensors, tokenizer files   a ~7M-parameter Llama (random init, seed 0) and a
         byte-level BPE tokenizer (8192 tokens) trained on the HH-RLHF harmless-base test dialogues; one folder,
         so `--model_name_or_path <folder>` works for our scripts and for TRL
-    pairwise.jsonl   512 HH pairs: prompt (the dialogue up to and including the last "\\n\\nAssistant:"), chosen, rejected
+    pairwise.jsonl   512 HH pairs: prompt (the dialogue up to and including the last "\\n\\nAssistant:"), chosen,
+                     rejected
     sft.jsonl        the same 512 as prompt, completion (= chosen)
     rm/              the online annotator of the online_dpo pair: the same Llama and tokenizer with a one-output
         sequence-classification head (LlamaForSequenceClassification, num_labels=1), random init with seed 1,
@@ -37,17 +38,30 @@ def train_tokenizer(dialogues: list[str]) -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(dialogues, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>")
 
 
 def model_config(tokenizer, **kwargs) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
-        num_key_value_heads=4, max_position_embeddings=MAX_LENGTH, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs,
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
     )
 
 
@@ -73,12 +87,20 @@ def select_pairs(rows: list[dict], tokenizer) -> list[dict]:
     for row in rows:
         cut = row["chosen"].rfind(ASSISTANT) + len(ASSISTANT)
         prompt, chosen, rejected = row["chosen"][:cut], row["chosen"][cut:], row["rejected"][cut:]
-        if cut < len(ASSISTANT) or row["rejected"][:cut] != prompt or not chosen.strip() or not rejected.strip() or chosen == rejected:
+        if (
+            cut < len(ASSISTANT)
+            or row["rejected"][:cut] != prompt
+            or not chosen.strip()
+            or not rejected.strip()
+            or chosen == rejected
+        ):
             continue
         prompt_ids = tokenizer(prompt)["input_ids"]
         together = [tokenizer(prompt + response)["input_ids"] for response in (chosen, rejected)]
         apart = [prompt_ids + tokenizer(response)["input_ids"] for response in (chosen, rejected)]
-        if len(prompt_ids) <= MAX_PROMPT_LENGTH and max(map(len, together)) < MAX_LENGTH and together == apart:  # < : room for EOS
+        if (
+            len(prompt_ids) <= MAX_PROMPT_LENGTH and max(map(len, together)) < MAX_LENGTH and together == apart
+        ):  # < : room for EOS
             pairs.append(dict(prompt=prompt, chosen=chosen, rejected=rejected))
         if len(pairs) == NUM_PAIRS:
             return pairs
@@ -101,13 +123,17 @@ def build(out: Path = WORK, data: Path = DATA):
     write_jsonl(out / "sft.jsonl", [dict(prompt=p["prompt"], completion=p["chosen"]) for p in pairs])
     build_reward_model(out)
     write_jsonl(out / "pairwise.jsonl", pairs)  # written last: its presence means the folder is complete
-    print(f"workload in {out}: {model.num_parameters() / 1e6:.2f}M-parameter Llama, {len(tokenizer)}-token BPE, "
-          f"{len(pairs)} pairs (max_length {MAX_LENGTH}, max_prompt_length {MAX_PROMPT_LENGTH})")
+    print(
+        f"workload in {out}: {model.num_parameters() / 1e6:.2f}M-parameter Llama, {len(tokenizer)}-token BPE, "
+        f"{len(pairs)} pairs (max_length {MAX_LENGTH}, max_prompt_length {MAX_PROMPT_LENGTH})"
+    )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DATA, help="the HH-RLHF jsonl.gz to train the tokenizer on and take pairs from")
+    parser.add_argument(
+        "--data", type=Path, default=DATA, help="the HH-RLHF jsonl.gz to train the tokenizer on and take pairs from"
+    )
     parser.add_argument("--out", type=Path, default=WORK, help="folder to build the workload in")
     args = parser.parse_args()
     build(args.out, args.data)

@@ -16,6 +16,9 @@ and fields of our own, for the losses:
                                                       once for all its generations (common.model.shared_prompt_logps)
   generation1_reference_logps             (B,) float  sum of the response's log-probs under the reference
                                                       (only where precomputed: common/model.add_reference_logps)
+  preference                              (B,) float  online pairs: the annotator's probability that generation1
+                                                      is better (1.0, 0.0, 0.5 a tie, or in between; NaN where
+                                                      the annotation failed), whatever the script made of it
 generation1 and generation2 are padded to the same lengths T and Tr so they can share one forward.
 
 Tokenization: prompt and response are tokenized separately and concatenated, so the response tokens are
@@ -42,7 +45,10 @@ GENERATIONS = ("generation1", "generation2")
 def tokenize_records(records: list[dict], tokenizer, max_length: int, max_prompt_length: int) -> list[dict]:
     """Records (common/data.py) -> token rows that `collate` turns into batches."""
     if max_prompt_length >= max_length:
-        fail(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length}) to leave room for the response")
+        fail(
+            f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length}) "
+            "to leave room for the response"
+        )
     generations = [g for g in GENERATIONS if g in records[0]]
     texts = [render(record, generations, tokenizer) for record in records]  # (prompt text, [response texts])
     chat = [isinstance(record["prompt"], list) for record in records]
@@ -52,7 +58,9 @@ def tokenize_records(records: list[dict], tokenizer, max_length: int, max_prompt
         encoded = tokenizer([texts[i][0] for i in rows], add_special_tokens=not is_chat)["input_ids"] if rows else []
         for i, ids in zip(rows, encoded):
             prompt_ids[i] = ids
-    responses = {g: tokenizer([t[1][k] for t in texts], add_special_tokens=False)["input_ids"] for k, g in enumerate(generations)}
+    responses = {
+        g: tokenizer([t[1][k] for t in texts], add_special_tokens=False)["input_ids"] for k, g in enumerate(generations)
+    }
     eos = tokenizer.eos_token_id
     out, cut_prompts, cut_responses = [], 0, 0
     for i, record in enumerate(records):
@@ -71,8 +79,10 @@ def tokenize_records(records: list[dict], tokenizer, max_length: int, max_prompt
             row[f"{g}_weight"] = record.get(f"{g}_weight", 1.0)
         out.append(row)
     if cut_prompts or cut_responses:
-        print0(f"truncated {cut_prompts} of {len(out)} prompts to their last {max_prompt_length} tokens and "
-               f"{cut_responses} responses to fit max_length {max_length}")
+        print0(
+            f"truncated {cut_prompts} of {len(out)} prompts to their last {max_prompt_length} tokens and "
+            f"{cut_responses} responses to fit max_length {max_length}"
+        )
     return out
 
 
@@ -81,16 +91,25 @@ def render(record: dict, generations: list[str], tokenizer) -> tuple[str, list[s
     if not isinstance(record["prompt"], list):
         return record["prompt"], [record[g] for g in generations]
     if tokenizer.chat_template is None:
-        fail("the dataset is conversational (lists of messages) but the tokenizer has no chat template: "
-             "use a chat model's tokenizer, or set tokenizer.chat_template")
+        fail(
+            "the dataset is conversational (lists of messages) but the tokenizer has no chat template: "
+            "use a chat model's tokenizer, or set tokenizer.chat_template"
+        )
     prompt = tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
     responses = []
     for g in generations:
-        full = tokenizer.apply_chat_template(record["prompt"] + [{"role": "assistant", "content": record[g]}], tokenize=False)
+        full = tokenizer.apply_chat_template(
+            record["prompt"] + [{"role": "assistant", "content": record[g]}], tokenize=False
+        )
         if not full.startswith(prompt):
-            fail("the chat template renders prompt + response without the rendered prompt as its prefix; cannot split them")
-        response = full[len(prompt):]
-        if tokenizer.eos_token and tokenizer.eos_token in response:  # end the response at the template's end-of-turn EOS
+            fail(
+                "the chat template renders prompt + response without the rendered prompt as its prefix; "
+                "cannot split them"
+            )
+        response = full[len(prompt) :]
+        if (
+            tokenizer.eos_token and tokenizer.eos_token in response
+        ):  # end the response at the template's end-of-turn EOS
             response = response[: response.rindex(tokenizer.eos_token) + len(tokenizer.eos_token)]
         responses.append(response)
     return prompt, responses
@@ -113,15 +132,18 @@ def collate(rows: list[dict], pad_token_id: int) -> dict:
     prompt_ids = [r["prompt_ids"] for r in rows]
     batch = {"prompt": [r["prompt"] for r in rows]}
     batch["prompt_token_ids"], batch["prompt_attention_mask"] = pad(prompt_ids, pad_token_id, left=True)
-    length = max((len(p) + len(r[f"{g}_response_ids"]) for p, r in zip(prompt_ids, rows) for g in generations), default=0)
+    length = max(
+        (len(p) + len(r[f"{g}_response_ids"]) for p, r in zip(prompt_ids, rows) for g in generations), default=0
+    )
     response_length = max((len(r[f"{g}_response_ids"]) for r in rows for g in generations), default=0)
     for g in generations:
         ids, mask = pad([p + r[f"{g}_response_ids"] for p, r in zip(prompt_ids, rows)], pad_token_id, length=length)
         batch[f"{g}_response_token_ids"], batch[f"{g}_response_attention_mask"] = pad(
-            [r[f"{g}_response_ids"] for r in rows], pad_token_id, length=response_length)
+            [r[f"{g}_response_ids"] for r in rows], pad_token_id, length=response_length
+        )
         response_mask = torch.zeros_like(mask, dtype=torch.bool)
         for i, (p, r) in enumerate(zip(prompt_ids, rows)):
-            response_mask[i, len(p): len(p) + len(r[f"{g}_response_ids"])] = True
+            response_mask[i, len(p) : len(p) + len(r[f"{g}_response_ids"])] = True
         rewards = [r[f"{g}_reward"] for r in rows]
         batch[g] = [r["prompt"] + r[f"{g}_response_only"] for r in rows]
         batch[f"{g}_response_only"] = [r[f"{g}_response_only"] for r in rows]
@@ -130,14 +152,18 @@ def collate(rows: list[dict], pad_token_id: int) -> dict:
         batch[f"{g}_weight"] = torch.tensor([r[f"{g}_weight"] for r in rows], dtype=torch.float)
         if f"{g}_reference_logps" in rows[0]:
             batch[f"{g}_reference_logps"] = torch.tensor([r[f"{g}_reference_logps"] for r in rows], dtype=torch.float)
+    if "preference" in rows[0]:
+        batch["preference"] = torch.tensor([math.nan if r["preference"] is None else r["preference"] for r in rows])
     return batch
 
 
 def interleave_responses(batch: dict, generations=GENERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
     """The responses alone, (B * G, Tr) ids and attention mask, each row's G generations adjacent: the layout in
     which common.model.shared_prompt_logps runs each prompt once for all of them."""
-    return tuple(torch.stack([batch[f"{g}_{key}"] for g in generations], 1).flatten(0, 1)
-                 for key in ("response_token_ids", "response_attention_mask"))
+    return tuple(
+        torch.stack([batch[f"{g}_{key}"] for g in generations], 1).flatten(0, 1)
+        for key in ("response_token_ids", "response_attention_mask")
+    )
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -149,7 +175,9 @@ def shard_batches(rows: list[dict], pad_token_id: int, batch_size: int, device: 
     of an uneven split is left out), so all run the same number of forwards: FSDP's are collectives."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     share = rows[: len(rows) // world_size * world_size][rank::world_size]
-    return [to_device(collate(share[i: i + batch_size], pad_token_id), device) for i in range(0, len(share), batch_size)]
+    return [
+        to_device(collate(share[i : i + batch_size], pad_token_id), device) for i in range(0, len(share), batch_size)
+    ]
 
 
 class BatchFactory:
@@ -160,12 +188,21 @@ class BatchFactory:
     rank r takes the r-th contiguous share. So the examples of a step do not depend on how the global
     batch is split, and the data position is just the step count (saved in checkpoints). Within a rank's
     share, rows are sorted by length before being cut into micro-batches: less padding, same gradient.
-    A reweighter (common/reweight.py) sets the weights of each step's rows.
+    A reweighter (common/reweight.py) multiplies the weights of each step's rows.
     The online factory (policy samples + annotator) has the same interface.
     """
 
-    def __init__(self, rows: list[dict], pad_token_id: int, micro_batch_size: int, gradient_accumulation_steps: int, seed: int,
-                 group_by_length: bool = True, reweighter=None):
+    def __init__(
+        self,
+        rows: list[dict],
+        *,
+        pad_token_id: int,
+        micro_batch_size: int,
+        gradient_accumulation_steps: int,
+        seed: int,
+        group_by_length: bool = True,
+        reweighter=None,
+    ):
         self.rows, self.pad_token_id, self.seed, self.group_by_length = rows, pad_token_id, seed, group_by_length
         self.reweighter = reweighter
         self.micro_batch_size, self.gradient_accumulation_steps = micro_batch_size, gradient_accumulation_steps
@@ -175,7 +212,10 @@ class BatchFactory:
     def next_step(self) -> list[dict]:
         rows = self.next_rows() if self.reweighter is None else self.reweighter(self.next_rows())
         rows = sorted(rows, key=row_length)
-        return [collate(rows[k: k + self.micro_batch_size], self.pad_token_id) for k in range(0, len(rows), self.micro_batch_size)]
+        return [
+            collate(rows[k : k + self.micro_batch_size], self.pad_token_id)
+            for k in range(0, len(rows), self.micro_batch_size)
+        ]
 
     def next_rows(self) -> list[dict]:
         """This process's rows of the next step, in stream order."""
@@ -203,8 +243,8 @@ class BatchFactory:
         size = self.micro_batch_size * self.gradient_accumulation_steps * self.world_size  # one global batch
         grouped = []
         for start in range(0, len(order), 64 * size):
-            window = sorted(order[start: start + 64 * size], key=lambda i: row_length(self.rows[i]))
-            batches = [window[k: k + size] for k in range(0, len(window), size)]
+            window = sorted(order[start : start + 64 * size], key=lambda i: row_length(self.rows[i]))
+            batches = [window[k : k + size] for k in range(0, len(window), size)]
             for b in torch.randperm(len(batches), generator=generator).tolist():
                 grouped += batches[b]
         return grouped
@@ -217,76 +257,155 @@ class BatchFactory:
 
 
 def row_length(row: dict) -> int:
-    return len(row["prompt_ids"]) + max((len(row[f"{g}_response_ids"]) for g in GENERATIONS if f"{g}_response_ids" in row), default=0)
+    return len(row["prompt_ids"]) + max(
+        (len(row[f"{g}_response_ids"]) for g in GENERATIONS if f"{g}_response_ids" in row), default=0
+    )
 
 
 class OnlineBatchFactory:
-    """Online batches, same interface as BatchFactory: the dataset's prompts only (in the same seeded
-    stream) -> samples from the current policy -> annotator -> batch.
+    """Online batches, same interface as BatchFactory: the dataset's prompts only (in the same seeded stream) ->
+    samples from the current policy -> the annotator -> the script's `label` -> the reweighter -> batches.
 
-    pairwise (two samples per prompt): annotator.prefer gives generation1_reward 1.0 if generation1 is
-    preferred, else 0.0 (generation2_reward the opposite); ties and failed verdicts are dropped and counted.
-    pointwise (one sample): annotator.score gives generation1_reward; failed scores are dropped and counted.
-    Then the reweighter, if any (common/reweight.py), sets the kept examples' weights; pairwise rows carry the
-    annotator's verdict as `preference` for it.
-    Every step is filled with exactly micro_batch_size * gradient_accumulation_steps kept examples on each
-    process (FSDP needs every process to run the same number of forwards): when examples are dropped,
-    more prompts are sampled, in rounds all processes take together, each sized by the rate kept so far.
-    If max_rounds are not enough (a policy so sure of itself that its two samples tie), the step is filled
-    with dropped examples at weight 0: they carry no preference, and contribute nothing to the loss.
-    A step on which the annotator failed on every example stops the run with its stats.
-    Samples come from the policy as it is at this step (on-policy); extra kept examples are discarded.
-    `metrics()` returns what happened since the last call, for the log.
+    num_generations 2 (pairs): annotator.prefer gives each pair a preference, the probability that generation1 is
+    better (None where it failed), kept on the row as `preference`; num_generations 1: annotator.score gives each
+    response a score (None where it failed). The script's `label(annotation)` turns one into the generations'
+    rewards, a tuple (generation1_reward[, generation2_reward]), or None to drop the example: the script, not this
+    class, decides what is trained on (e.g. dpo_pairwise.py drops ties and failures).
+
+    The contract that keeps FSDP's collectives in step: every call of `next_step()` returns exactly
+    micro_batch_size * gradient_accumulation_steps examples on every process. When examples are dropped, more prompts
+    are sampled, in rounds that all processes take together, each sized by the rate kept so far. If max_rounds
+    are not enough (a policy so sure of itself that its samples tie), the step is filled with dropped examples at
+    weight 0: they contribute nothing to the loss, and are counted as online/padded. A step on which no process kept
+    anything is reported; max_untrainable_steps of them in a row stop the run, as does a step on which the annotator
+    failed on every example. Samples come from the policy as it is at this step (on-policy); extra kept examples are
+    discarded.
+
+    Sampling draws from a generator of this process's own, seeded with (seed, rank), so processes sample differently;
+    its state is part of `state_dict()` with the prompt stream's position, so a resumed run samples what an
+    uninterrupted one would. `stats` holds the counts of the latest step on this process (annotator counts under
+    annotator/); `metrics(totals)` turns them, summed over processes, into the logged online/* metrics.
     """
 
-    def __init__(self, prompt_records: list[dict], tokenizer, policy, annotator, pairwise: bool, max_prompt_length: int,
-                 max_new_tokens: int, temperature: float, top_p: float, micro_batch_size: int,
-                 gradient_accumulation_steps: int, seed: int, sample_reward=None, max_rounds: int = 8, group_by_length: bool = True,
-                 reweighter=None):
+    def __init__(
+        self,
+        prompt_records: list[dict],
+        tokenizer,
+        policy,
+        annotator,
+        *,
+        num_generations: int,
+        label,
+        generation,
+        max_prompt_length: int,
+        micro_batch_size: int,
+        gradient_accumulation_steps: int,
+        seed: int,
+        group_by_length: bool = True,
+        reweighter=None,
+        sample_reward=None,
+        max_rounds: int = 8,
+        max_untrainable_steps: int = 10,
+    ):
+        if num_generations not in (1, 2):
+            fail(f"OnlineBatchFactory samples 1 (scored) or 2 (compared) responses per prompt, not {num_generations}")
         rows = tokenize_records(prompt_records, tokenizer, max_prompt_length + 1, max_prompt_length)
         for row, record in zip(rows, prompt_records):
-            row["raw_prompt"] = record["prompt"]  # the annotator gets the prompt as the data has it, not as our template renders it
-        self.prompts = BatchFactory(rows, tokenizer.pad_token_id, micro_batch_size, gradient_accumulation_steps, seed, group_by_length)
-        self.tokenizer, self.policy, self.annotator, self.pairwise = tokenizer, policy, annotator, pairwise
-        self.max_new_tokens, self.temperature, self.top_p, self.max_rounds = max_new_tokens, temperature, top_p, max_rounds
-        self.micro_batch_size, self.sample_reward, self.reweighter = micro_batch_size, sample_reward, reweighter
-        self.need = micro_batch_size * gradient_accumulation_steps
-        self.keep_rate, self.stats, self.samples = 1.0, Counter(), []
+            row["raw_prompt"] = record[
+                "prompt"
+            ]  # the annotator gets the prompt as the data has it, not as our template renders it
+        self.prompts = BatchFactory(
+            rows,
+            pad_token_id=tokenizer.pad_token_id,
+            micro_batch_size=micro_batch_size,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            seed=seed,
+            group_by_length=group_by_length,
+        )
+        self.tokenizer, self.policy, self.annotator, self.label = tokenizer, policy, annotator, label
+        self.num_generations, self.generation, self.reweighter = num_generations, generation, reweighter
+        self.micro_batch_size, self.examples_per_step = micro_batch_size, micro_batch_size * gradient_accumulation_steps
+        self.sample_reward, self.max_rounds, self.max_untrainable_steps = (
+            sample_reward,
+            max_rounds,
+            max_untrainable_steps,
+        )
+        self.device = next(policy.parameters()).device
+        # (seed, rank) -> this process's sampling stream; a single process draws what rank 0 of a torchrun draws
+        self.generator = torch.Generator(self.device).manual_seed(seed * 1000 + dist.get_rank())
+        self.keep_rate, self.untrainable_steps, self.stats, self.samples = 1.0, 0, Counter(), []
 
     def next_step(self) -> list[dict]:
-        device = next(self.policy.parameters()).device
-        kept, dropped, failed = [], [], 0
+        self.stats, annotator_before = Counter(), Counter(self.annotator.stats)
+        kept, dropped = [], []
         for _ in range(self.max_rounds):
-            missing = all_reduce(self.need - len(kept), op=dist.ReduceOp.MAX).item()  # the same number of rounds everywhere
+            missing = all_reduce(
+                self.examples_per_step - len(kept), op=dist.ReduceOp.MAX
+            ).item()  # same rounds everywhere
             if missing <= 0:
                 break
-            num_prompts = min(math.ceil(missing / max(self.keep_rate, 0.1)), 4 * self.need)
-            rows, rows_dropped, rows_failed = self.sample(num_prompts, device)
-            self.keep_rate = 0.5 * self.keep_rate + 0.5 * len(rows) / num_prompts
-            kept, dropped, failed = kept + rows, dropped + rows_dropped, failed + rows_failed
-        if all_reduce(failed < len(kept) + len(dropped), op=dist.ReduceOp.MIN).item() == 0:  # together, or the others would hang
+            num_prompts = min(math.ceil(missing / max(self.keep_rate, 0.1)), 4 * self.examples_per_step)
+            rows = self.sample(num_prompts)
+            rows_kept = [row for row in rows if row["kept"]]
+            self.keep_rate = 0.5 * self.keep_rate + 0.5 * len(rows_kept) / num_prompts
+            kept, dropped = kept + rows_kept, dropped + [row for row in rows if not row["kept"]]
+        annotator_counts = Counter(self.annotator.stats)
+        annotator_counts.subtract(annotator_before)
+        self.stats.update({f"annotator/{key}": count for key, count in annotator_counts.items()})
+        failed_everywhere, kept_anywhere = all_reduce(
+            [self.stats["failed"] == self.stats["examples"], len(kept) > 0]
+        ).tolist()
+        if failed_everywhere == dist.get_world_size():  # every process decides together, or the others would hang
             fail(f"the annotator failed on every example of a step; annotator stats: {dict(self.annotator.stats)}")
-        kept = kept[: self.need]
+        self.untrainable_steps = 0 if kept_anywhere else self.untrainable_steps + 1
+        if self.untrainable_steps:
+            print0(
+                f"online: nothing to train on in this step ({self.untrainable_steps} in a row): no example was "
+                f"labelled (this process: {self.stats['examples']} examples, {self.stats['ties']} ties, "
+                f"{self.stats['failed']} failed)"
+            )
+            if self.untrainable_steps >= self.max_untrainable_steps:
+                fail(
+                    f"online: {self.untrainable_steps} steps in a row with nothing to train on: the annotator "
+                    f"({type(self.annotator).__name__}) labelled no example ({self.stats['ties']} ties, "
+                    f"{self.stats['failed']} failed of {self.stats['examples']} in the last step on this process); "
+                    "check the annotator, or raise --generation.temperature so that samples differ"
+                )
+        kept = kept[: self.examples_per_step]
         if self.reweighter is not None:
             kept = self.reweighter(kept)
-        if len(kept) < self.need:  # still short (a policy so sure that its samples tie): pad with dropped rows at weight 0
-            self.stats["padded"] += self.need - len(kept)
-            kept += dropped[: self.need - len(kept)]
+        if len(kept) < self.examples_per_step:  # still short: fill with dropped examples at weight 0
+            self.stats["padded"] += self.examples_per_step - len(kept)
+            kept += [
+                {**row, **{f"{g}_weight": 0.0 for g in GENERATIONS[: self.num_generations]}}
+                for row in dropped[: self.examples_per_step - len(kept)]
+            ]
         kept = sorted(kept, key=row_length)  # grouped by length: less padding
-        return [collate(kept[k: k + self.micro_batch_size], self.tokenizer.pad_token_id) for k in range(0, self.need, self.micro_batch_size)]
+        return [
+            collate(kept[k : k + self.micro_batch_size], self.tokenizer.pad_token_id)
+            for k in range(0, self.examples_per_step, self.micro_batch_size)
+        ]
 
-    def sample(self, num_prompts: int, device) -> tuple[list[dict], list[dict], int]:
-        """Sample and annotate num_prompts prompts: (kept rows, dropped rows at weight 0, number failed)."""
+    def sample(self, num_prompts: int) -> list[dict]:
+        """Sample and annotate num_prompts prompts: rows with the samples, the annotation, the script's label
+        (the rewards) and `kept` (False where the label is None)."""
         prompt_rows = []
         while len(prompt_rows) < num_prompts:  # whole steps of the prompt stream, so its position stays a step count
             prompt_rows += self.prompts.next_rows()
         prompt_rows = prompt_rows[:num_prompts]
-        num_generations = 2 if self.pairwise else 1
+        n = self.num_generations
         batch = collate(prompt_rows, self.tokenizer.pad_token_id)
         start = time.perf_counter()
-        response_ids, response_mask, _ = generate(  # prompt i's samples at rows i*n .. i*n + n - 1
-            self.policy, batch["prompt_token_ids"].to(device), batch["prompt_attention_mask"].to(device), self.max_new_tokens,
-            self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.temperature, self.top_p, num_samples=num_generations)
+        response_ids, response_mask = generate(  # prompt i's samples at rows i*n .. i*n + n - 1
+            self.policy,
+            batch["prompt_token_ids"].to(self.device),
+            batch["prompt_attention_mask"].to(self.device),
+            **vars(self.generation),
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            generator=self.generator,
+            num_samples=n,
+        )
         self.stats["generation_seconds"] += time.perf_counter() - start
         ids = [row[mask.bool()].tolist() for row, mask in zip(response_ids.cpu(), response_mask.cpu())]
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -294,50 +413,64 @@ class OnlineBatchFactory:
         self.stats["responses"] += len(ids)
         self.stats["eos"] += sum(r[-1:] == [self.tokenizer.eos_token_id] for r in ids)
         if self.sample_reward is not None:
-            self.stats["sample_reward"] += sum(self.sample_reward(batch["prompt"][n // num_generations], t) for n, t in enumerate(texts))
+            self.stats["sample_reward"] += sum(
+                self.sample_reward(batch["prompt"][k // n], t) for k, t in enumerate(texts)
+            )
         raw_prompts = [r["raw_prompt"] for r in prompt_rows]
-        if self.pairwise:
-            verdicts = self.annotator.prefer(raw_prompts, texts[0::2], texts[1::2])
-            rewards = [None if v is None or v == 0.5 else [float(v > 0.5), float(v < 0.5)] for v in verdicts]
-            self.stats["ties"] += sum(v == 0.5 for v in verdicts)
+        if n == 2:
+            annotations = self.annotator.prefer(raw_prompts, texts[0::2], texts[1::2])
+            self.stats["ties"] += sum(a == 0.5 for a in annotations)
         else:
-            rewards = [None if s is None else [s] for s in self.annotator.score(raw_prompts, texts)]
-        failed = sum(v is None for v in (verdicts if self.pairwise else rewards))
-        self.stats["failed"] += failed
-        kept, dropped = [], []
-        for i, (row, reward) in enumerate(zip(prompt_rows, rewards)):
-            out = {"prompt": row["prompt"], "prompt_ids": row["prompt_ids"]}
-            if self.pairwise:  # the annotator's probability that generation1 is better (for reweighting)
-                out["preference"] = verdicts[i]
-            for k, g in enumerate(GENERATIONS[:num_generations]):
-                n = i * num_generations + k
-                out |= {f"{g}_response_only": texts[n], f"{g}_response_ids": ids[n],
-                        f"{g}_reward": 0.5 if reward is None else reward[k], f"{g}_weight": 0.0 if reward is None else 1.0}
-            (dropped if reward is None else kept).append(out)
-        self.stats["examples"] += len(prompt_rows)
-        self.stats["kept"] += len(kept)
-        self.samples = [(raw_prompts[i], texts[i * num_generations: (i + 1) * num_generations], rewards[i]) for i in range(min(3, len(prompt_rows)))]
-        return kept, dropped, failed
+            annotations = self.annotator.score(raw_prompts, texts)
+        self.stats["failed"] += sum(a is None for a in annotations)
+        rows = []
+        for i, (prompt_row, annotation) in enumerate(zip(prompt_rows, annotations)):
+            rewards = self.label(annotation)
+            row = {"prompt": prompt_row["prompt"], "prompt_ids": prompt_row["prompt_ids"], "kept": rewards is not None}
+            if n == 2:
+                row["preference"] = annotation
+            for k, g in enumerate(GENERATIONS[:n]):
+                row |= {
+                    f"{g}_response_only": texts[i * n + k],
+                    f"{g}_response_ids": ids[i * n + k],
+                    f"{g}_reward": math.nan if rewards is None else rewards[k],
+                    f"{g}_weight": 1.0,
+                }
+            rows.append(row)
+        self.stats["examples"] += len(rows)
+        self.stats["kept"] += sum(row["kept"] for row in rows)
+        self.samples = [(raw_prompts[i], texts[i * n : (i + 1) * n], annotations[i]) for i in range(min(3, len(rows)))]
+        return rows
 
-    def metrics(self) -> dict:
-        """Means over all processes since the last call, under online/."""
-        keys = ["responses", "generated_tokens", "eos", "examples", "kept", "ties", "failed", "padded", "generation_seconds", "sample_reward"]
-        totals = dict(zip(keys, all_reduce([float(self.stats[k]) for k in keys]).tolist()))
-        self.stats.clear()
-        responses, examples = max(totals["responses"], 1), max(totals["examples"], 1)
+    @staticmethod
+    def metrics(totals: dict) -> dict:
+        """online/* and annotator/* from `stats` summed over processes (common.distributed.sum_over_processes)."""
+        responses, examples = max(totals.get("responses", 0), 1), max(totals.get("examples", 0), 1)
         metrics = {
-            "online/response_length": totals["generated_tokens"] / responses, "online/eos_rate": totals["eos"] / responses,
-            "online/kept_fraction": totals["kept"] / examples, "online/ties": totals["ties"] / examples,
-            "online/failed": totals["failed"] / examples, "online/padded": totals["padded"],
+            "online/response_length": totals.get("generated_tokens", 0) / responses,
+            "online/eos_rate": totals.get("eos", 0) / responses,
+            "online/kept_fraction": totals.get("kept", 0) / examples,
+            "online/ties": totals.get("ties", 0) / examples,
+            "online/failed": totals.get("failed", 0) / examples,
+            "online/padded": totals.get("padded", 0),
             # all processes' tokens over one process's sampling time (processes sample in parallel)
-            "online/generated_tokens_per_s": totals["generated_tokens"] * dist.get_world_size() / max(totals["generation_seconds"], 1e-9),
+            "online/generated_tokens_per_s": totals.get("generated_tokens", 0)
+            * dist.get_world_size()
+            / max(totals.get("generation_seconds", 0), 1e-9),
         }
-        if self.sample_reward is not None:
+        if "sample_reward" in totals:
             metrics["online/sample_reward"] = totals["sample_reward"] / responses
-        return metrics
+        return metrics | {key: value for key, value in totals.items() if key.startswith("annotator/")}
 
     def state_dict(self) -> dict:
-        return self.prompts.state_dict()
+        return {
+            "prompts": self.prompts.state_dict(),
+            "generator": self.generator.get_state(),
+            "keep_rate": self.keep_rate,
+            "untrainable_steps": self.untrainable_steps,
+        }
 
     def load_state_dict(self, state: dict):
-        self.prompts.load_state_dict(state)
+        self.prompts.load_state_dict(state["prompts"])
+        self.generator.set_state(state["generator"])
+        self.keep_rate, self.untrainable_steps = state["keep_rate"], state["untrainable_steps"]

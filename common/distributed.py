@@ -5,6 +5,7 @@ FSDP2 and reduces with collectives whether it runs alone on a laptop or under to
 Checkpoints assume every rank sees the same --output_dir (one node, or a shared filesystem).
 """
 
+import errno
 import importlib
 import json
 import os
@@ -12,6 +13,7 @@ import random
 import shutil
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +22,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
@@ -62,12 +69,15 @@ def init_distributed(seed: int) -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if world_size == 1:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device if device.type == "cuda" else None
+        )
     else:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)  # the same on every rank: identical initial weights before sharding
+    torch.manual_seed(seed)  # the same on every rank: identical initial weights before sharding. Sampling from
+    # the policy draws from a generator of its own per process (common.batch.OnlineBatchFactory)
     return rank, world_size, device
 
 
@@ -76,7 +86,9 @@ def shard_model(model: torch.nn.Module, device: torch.device, trainable: bool = 
     fp32 gradient reduction on CUDA; fp32 throughout on CPU."""
     model.to(device)
     bf16 = device.type == "cuda"
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -95,7 +107,9 @@ def unsharded(model: torch.nn.Module):
         yield
     finally:
         for m in groups:
-            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP2's defaults: the root stays gathered after forward
+            m.set_reshard_after_forward(
+                m is not model, recurse=False
+            )  # FSDP2's defaults: the root stays gathered after forward
             m.reshard()
 
 
@@ -108,15 +122,23 @@ def all_reduce(value, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return tensor.cpu()
 
 
-def sum_counters(counter: dict) -> dict:
-    """Sum dicts of counts over all processes (their keys may differ)."""
+def sum_over_processes(values: dict) -> dict[str, float]:
+    """Sum dicts of named numbers (floats, ints, 0-d tensors) over all processes, in one collective. The keys may
+    differ between processes: a key missing on one counts 0 there."""
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, dict(counter))
+    dist.all_gather_object(gathered, {key: float(value) for key, value in values.items()})
     total = {}
-    for counts in gathered:
-        for key, value in counts.items():
-            total[key] = total.get(key, 0) + value
+    for named in gathered:
+        for key, value in named.items():
+            total[key] = total.get(key, 0.0) + value
     return total
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global norm to max_norm; returns the norm before clipping (0-d). FSDP2's gradients
+    are DTensors, so the norm is one too: full_tensor() gives every process the whole value."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def save_pretrained(model, tokenizer, output_dir: str):
@@ -129,51 +151,187 @@ def save_pretrained(model, tokenizer, output_dir: str):
     dist.barrier()
 
 
-def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, data_state: dict, keep: int = 2):
-    """Sharded model + optimizer (torch.distributed.checkpoint), scheduler, data position and each rank's
-    RNG states, written to checkpoint-STEP.tmp and renamed when complete, so a process killed during a
-    save leaves the last good checkpoint intact. The newest `keep` checkpoints are kept."""
+def claim_output_dir(output_dir: str, resume: bool, overwrite: bool) -> str:
+    """Check --output_dir before any model or data loading (every rank calls this right after init_distributed)
+    and return the run id that this run's checkpoints carry. The folder must be a directory every rank can
+    write (created if missing). A new run refuses a folder that holds checkpoints unless --overwrite, which
+    deletes them and unfinished .tmp ones: two runs in one folder would prune each other's checkpoints and a
+    later --resume would continue whichever is newest. A new run gets a fresh id; --resume the id recorded in
+    the newest checkpoint (`unknown` for checkpoints saved before run ids existed)."""
+    if resume and overwrite:
+        fail("--resume continues the checkpoints in --output_dir and --overwrite deletes them: pass one of them")
+    path = Path(output_dir)
+    error = None
+    if path.exists() and not path.is_dir():
+        error = f"--output_dir '{output_dir}' exists and is not a directory"
+    else:
+        probe = path / f".write-probe-rank{dist.get_rank()}"  # every rank: they may be on different nodes
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe.write_text("probe")
+            probe.unlink()
+        except OSError as e:
+            error = f"--output_dir '{output_dir}' cannot be written: {_os_reason(e)}"
+    if error := _agree(error):
+        fail(error)
+    decision = [None, None]  # (run id, error), made on rank 0 and sent to all
+    if is_main():
+        decision = _claim(output_dir, resume, overwrite)
+    dist.broadcast_object_list(decision, src=0)
+    if decision[1]:
+        fail(decision[1])
+    return decision[0]
+
+
+def _claim(output_dir: str, resume: bool, overwrite: bool) -> list:
+    found = checkpoints(output_dir)
+    if resume:
+        return [_newest_run(found), None] if found else [None, f"--resume: no checkpoint in '{output_dir}'"]
+    if found and not overwrite:
+        newest = {}  # run id -> its newest step (found is oldest first)
+        for p in found:
+            newest[_run_of(p)] = p.name.split("-")[-1]
+        runs = ", ".join(
+            f"run {run} (newest step {step})" if run else f"a damaged checkpoint (step {step})"
+            for run, step in newest.items()
+        )
+        return [
+            None,
+            f"--output_dir '{output_dir}' holds the checkpoints of {runs}; pass --resume to continue it, "
+            "--overwrite to delete its checkpoints, or another --output_dir",
+        ]
+    stale = found + sorted(p for p in Path(output_dir).glob("checkpoint-*.tmp") if p.is_dir())
+    for p in stale:
+        try:
+            shutil.rmtree(p)
+        except OSError as e:
+            return [None, f"--overwrite: cannot delete '{p}': {_os_reason(e)}"]
+    if stale:
+        print(f"--overwrite: deleted {', '.join(p.name for p in stale)} from '{output_dir}'", flush=True)
+    return [uuid.uuid4().hex[:12], None]
+
+
+def save_checkpoint(
+    output_dir: str, step: int, model, optimizer, scheduler, data_state: dict, run_id: str, keep: int = 2
+):
+    """Sharded model + optimizer (torch.distributed.checkpoint), scheduler, data position, run id and each rank's
+    RNG states, written to checkpoint-STEP.tmp and renamed when complete, so a process killed during a save
+    leaves the last good checkpoint intact. The newest `keep` checkpoints of this run are kept; other runs' are
+    never touched. A failed write (a full disk, a lost mount) removes the .tmp and stops every rank with the same
+    one line: the ranks compare errors after each stage, and dcp.save raises on every rank when one rank's write
+    fails. An exception that is no write failure (a bug) is raised where it happens; torchrun then stops the
+    other ranks, as it does for any failed rank."""
     final, tmp = Path(output_dir) / f"checkpoint-{step}", Path(output_dir) / f"checkpoint-{step}.tmp"
+    where = f"{final.name} in '{output_dir}'"
+    error = None
     if is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    torch.save(rng, tmp / f"rng_rank{dist.get_rank()}.pt")
-    if is_main():
-        torch.save({"step": step, "scheduler": scheduler.state_dict(), "data": data_state}, tmp / "trainer_state.pt")
-    dist.barrier()
-    if is_main():
-        tmp.rename(final)
-        for old in checkpoints(output_dir)[: -max(keep, 1)]:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = _write_error(e, where, output_dir, run_id)
+    error = _agree(error)  # also the barrier: tmp exists before any rank writes into it
+    if error is None:
+        try:
+            model_state, optim_state = get_state_dict(model, optimizer)
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+            rng = {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            }
+            torch.save(rng, tmp / f"rng_rank{dist.get_rank()}.pt")
+            if is_main():
+                trainer_state = {
+                    "step": step,
+                    "run_id": run_id,
+                    "scheduler": scheduler.state_dict(),
+                    "data": data_state,
+                }
+                torch.save(trainer_state, tmp / "trainer_state.pt")
+        except (Exception, dcp.CheckpointException) as e:
+            error = _write_error(e, where, output_dir, run_id)
+            if error is None:
+                raise
+        error = _agree(error)
+    if error is None:
+        if is_main():
+            try:
+                error = _publish(final, tmp, where, run_id, keep)
+            except OSError as e:
+                error = _write_error(e, where, output_dir, run_id)
+        error = _agree(error)
+    if error is not None:
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        fail(error)
+
+
+def _publish(final: Path, tmp: Path, where: str, run_id: str, keep: int) -> str | None:
+    """Rank 0: rename the finished tmp to final, then prune this run's older checkpoints. Returns an error or None."""
+    if final.exists():
+        owner = _run_of(final)
+        if owner not in (None, run_id):
+            return f"{where} belongs to run {owner}, not to this run ({run_id}): is another run saving there?"
+        shutil.rmtree(final)  # this run's own (a --resume fell back past it) or a damaged one
+    tmp.rename(final)
+    for old in [p for p in checkpoints(final.parent) if _run_of(p) == run_id][: -max(keep, 1)]:
+        try:
             shutil.rmtree(old)
-    dist.barrier()
+        except OSError as e:
+            print(f"warning: could not delete the old checkpoint '{old}': {_os_reason(e)}", flush=True)
+    return None
 
 
 def checkpoints(output_dir: str) -> list[Path]:
-    """Complete checkpoints in output_dir, oldest first."""
+    """Complete checkpoints in output_dir, oldest first (of every run: see _run_of)."""
     found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
 def load_checkpoint(output_dir: str, model, optimizer, scheduler) -> tuple[int, dict]:
-    """Restore the newest checkpoint into model/optimizer/scheduler and the RNGs; returns (step, data_state)."""
-    found = checkpoints(output_dir)
-    if not found:
-        fail(f"--resume: no checkpoint-* folder in '{output_dir}'")
-    path = found[-1]
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
+    """Restore the newest loadable checkpoint of the newest run (the run id claim_output_dir returned) into
+    model/optimizer/scheduler and the RNGs; returns (step, data_state). A damaged checkpoint (a file missing or
+    shorter than .metadata says, or one torch cannot read) is reported in one line and the one before it of the
+    same run is tried. The ranks agree after every check and read, so none falls back alone, and each attempt
+    reads the whole model and optimizer, so a checkpoint that failed half-way leaves nothing of itself behind."""
+    plan = [None, None]  # (run id, its checkpoints newest first, with the unreadable ones that may be its)
+    if is_main():
+        found = checkpoints(output_dir)
+        run_id = _newest_run(found)
+        plan = [run_id, [p for p in reversed(found) if _run_of(p) in (run_id, None)]]
+    dist.broadcast_object_list(plan, src=0)
+    run_id, candidates = plan
+    if not candidates:
+        fail(f"--resume: no checkpoint in '{output_dir}'")
+    for i, path in enumerate(candidates):
+        error, small_files = None, None
+        try:
+            small_files = _read_small_files(path)
+        except Exception as e:
+            error = _one_line(e)
+        if (error := _agree(error)) is None:
+            try:
+                model_state, optim_state = get_state_dict(model, optimizer)
+                state = {"model": model_state, "optimizer": optim_state}
+                dcp.load(state, checkpoint_id=str(path))
+                set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+            except (Exception, dcp.CheckpointException) as e:
+                error = _one_line(e)
+            error = _agree(error)
+        if error is None:
+            break
+        print0(f"cannot resume from '{path}' ({error})" + ("; trying the one before it" if candidates[i + 1 :] else ""))
+    else:
+        tried = ", ".join(p.name for p in candidates)
+        fail(
+            f"--resume: no checkpoint in '{output_dir}' can be loaded (tried {tried}); "
+            "delete them, or start afresh with --overwrite instead of --resume"
+        )
+    trainer_state, rng = small_files
     scheduler.load_state_dict(trainer_state["scheduler"])
-    rng_file = path / f"rng_rank{dist.get_rank()}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=False)
+    if rng is not None:
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
@@ -181,13 +339,86 @@ def load_checkpoint(output_dir: str, model, optimizer, scheduler) -> tuple[int, 
             torch.cuda.set_rng_state(rng["cuda"])
     else:
         print0(f"{path} has no RNG state for rank {dist.get_rank()} (different world size); continuing with fresh RNG")
-    print0(f"resumed from {path}")
+    print0(f"resuming run {run_id} from {path} (step {trainer_state['step']})")
     return trainer_state["step"], trainer_state["data"]
 
 
+def _read_small_files(path: Path) -> tuple[dict, dict | None]:
+    """(trainer state, this rank's RNG states or None) of a checkpoint whose files are all there at full length:
+    .metadata lists each shard file and the bytes read from it. Raises with the reason otherwise."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    extents = {}  # shard file -> the bytes .metadata expects in it
+    for info in (metadata.storage_data or {}).values():
+        extents[info.relative_path] = max(extents.get(info.relative_path, 0), info.offset + info.length)
+    for name, extent in extents.items():
+        size = (path / name).stat().st_size
+        if size < extent:
+            raise EOFError(f"{name} is truncated: {size} bytes of {extent}")
+    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
+    rng_file = path / f"rng_rank{dist.get_rank()}.pt"
+    return trainer_state, torch.load(rng_file, weights_only=False) if rng_file.exists() else None
+
+
+def _run_of(checkpoint: Path) -> str | None:
+    """The run id a checkpoint was saved under (`unknown` if saved before run ids existed); None if unreadable."""
+    try:
+        return torch.load(checkpoint / "trainer_state.pt", weights_only=False).get("run_id", "unknown")
+    except Exception:
+        return None
+
+
+def _newest_run(found: list[Path]) -> str:
+    """The run of the newest checkpoint whose trainer state can be read: the run --resume continues."""
+    return next((run for run in map(_run_of, reversed(found)) if run is not None), "unknown")
+
+
+def _agree(error: str | None) -> str | None:
+    """Every rank's error (None: none) gathered, so that all ranks go on or stop together: the first, or None."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, error)
+    rank = next((rank for rank, e in enumerate(gathered) if e is not None), None)
+    return None if rank is None else gathered[rank] if len(gathered) == 1 else f"rank {rank}: {gathered[rank]}"
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    """e and what it wraps: dcp's CheckpointException carries each failed rank's exception."""
+    inner = [exc for exc, _ in e.failures.values()] if isinstance(e, dcp.CheckpointException) else []
+    return [e, *inner, *(c for c in (e.__cause__, e.__context__) if c is not None)]
+
+
+def _write_error(e: BaseException, where: str, output_dir: str, run_id: str) -> str | None:
+    """One line for a failed checkpoint write; None for an exception that is no write failure."""
+    mine = [p for p in checkpoints(output_dir) if _run_of(p) == run_id]
+    intact = f"{mine[-1].name} is intact" if mine else "no earlier checkpoint of this run"
+    for cause in _causes(e):
+        # torch's zip writer meets a full disk as a short write, and says only this:
+        short_write = isinstance(cause, RuntimeError) and any(
+            text in str(cause) for text in ("unexpected pos", "PytorchStreamWriter failed", "iostream error")
+        )
+        if short_write or isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"no space left on device while writing {where} ({intact}); free space or change --output_dir"
+    for cause in _causes(e):
+        if isinstance(cause, OSError):
+            return f"cannot write {where}: {_os_reason(cause)} ({intact})"
+    return None
+
+
+def _os_reason(e: OSError) -> str:
+    return f"{e.strerror}: '{e.filename}'" if e.strerror and e.filename else str(e)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, dcp.CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    if isinstance(e, OSError):
+        return _os_reason(e)
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
 class Tracker:
-    """metrics.jsonl (one JSON object per logged step) and args.json in output_dir, and wandb under
-    --track. Only rank 0 writes. On --resume, lines logged after the checkpoint's step are dropped."""
+    """metrics.jsonl (one JSON object per logged step: `step`, `time` and the metrics) and args.json in output_dir,
+    and wandb under --track. Only rank 0 writes. On --resume, lines logged after the checkpoint's step are dropped."""
 
     def __init__(self, args, resume_step: int | None = None):
         self.enabled = is_main()
@@ -202,18 +433,26 @@ class Tracker:
             kept = [line for line in open(self.path) if json.loads(line)["step"] <= resume_step]
         with open(self.path, "w") as f:
             f.writelines(kept)
+        # `time`: wall seconds of training so far (from here, after loading), a resumed run's earlier part included
+        self.start = time.time() - (json.loads(kept[-1]).get("time", 0.0) if kept else 0.0)
         self.wandb = None
         if args.track:
             import wandb
 
             self.wandb = wandb
             run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, resume="allow")
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                config=asdict(args),
+                name=run_name,
+                resume="allow",
+            )
 
     def log(self, step: int, metrics: dict):
         if not self.enabled:
             return
-        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics = {k: float(v) for k, v in metrics.items()} | {"time": time.time() - self.start}
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
@@ -224,11 +463,16 @@ class Tracker:
         if not self.enabled or not samples:
             return
         if self.wandb is not None:
-            table = self.wandb.Table(columns=["prompt", "responses", "rewards"], data=[[str(p), repr(r), repr(w)] for p, r, w in samples])
+            table = self.wandb.Table(
+                columns=["prompt", "responses", "rewards"], data=[[str(p), repr(r), repr(w)] for p, r, w in samples]
+            )
             self.wandb.log({"samples": table}, step=step)
         else:
             for prompt, responses, rewards in samples:
-                print(f"  sample @ {step}: {str(prompt)[-200:]!r} -> {[r[:200] for r in responses]} rewards {rewards}", flush=True)
+                print(
+                    f"  sample @ {step}: {str(prompt)[-200:]!r} -> {[r[:200] for r in responses]} rewards {rewards}",
+                    flush=True,
+                )
 
     def finish(self):
         if self.enabled and self.wandb is not None:

@@ -5,7 +5,7 @@ number of forward passes, stopping only when all ranks are done. The parameters 
 whole loop (common.distributed.unsharded), not once per token.
 """
 
-import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -14,30 +14,66 @@ from transformers import DynamicCache
 from common.distributed import unsharded
 
 
+@dataclass
+class GenerationArgs:
+    """How the online scripts sample from the policy (a script's --generation.* flags)."""
+
+    max_new_tokens: int = 16
+    """longest sampled response in tokens"""
+    temperature: float = 1.0
+    """sampling temperature (> 0 online: at 0 every sample of a prompt is the same)"""
+    top_p: float = 1.0
+    """nucleus sampling: keep the smallest set of tokens with this much probability"""
+
+
 @torch.no_grad()
-def generate(model, prompt_token_ids, prompt_attention_mask, max_new_tokens: int, eos_token_id: int, pad_token_id: int,
-             temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None, num_samples: int = 1):
+def generate(
+    model,
+    prompt_token_ids: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    num_samples: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample num_samples responses for each left-padded prompt (B, Tp).
 
-    Returns (response_token_ids, response_attention_mask, tokens_per_s): (B * num_samples, Tr) right-padded with
-    pad_token_id, prompt i's samples at rows i*n .. i*n + n - 1, each response ending at its EOS (included) or
-    after max_new_tokens. The prompts run once; their KV cache is then copied for each sample.
-    temperature 0 is greedy decoding.
+    Returns (response_token_ids, response_attention_mask): (B * num_samples, Tr) right-padded with pad_token_id,
+    prompt i's samples at rows i*n .. i*n + n - 1, each response ending at its EOS (included) or after
+    max_new_tokens. The prompts run once; their KV cache is then copied for each sample. temperature 0 is greedy.
+    `generator` draws the samples (None: torch's global RNG).
     """
     was_training = model.training
     model.eval()
-    start = time.perf_counter()
     with unsharded(model):  # one all-gather for the whole loop, not one per token
         positions = (prompt_attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
         cache = DynamicCache()
-        logits = model(input_ids=prompt_token_ids, attention_mask=prompt_attention_mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = model(
+            input_ids=prompt_token_ids,
+            attention_mask=prompt_attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
         cache.batch_repeat_interleave(num_samples)
-        logits, next_position = logits.repeat_interleave(num_samples, 0), positions[:, -1:].repeat_interleave(num_samples, 0) + 1
+        logits, next_position = (
+            logits.repeat_interleave(num_samples, 0),
+            positions[:, -1:].repeat_interleave(num_samples, 0) + 1,
+        )
         # the attention mask of prompt + response, filled in as tokens are sampled
         num_prompt = prompt_attention_mask.shape[1]
-        attention_mask = torch.cat([prompt_attention_mask.repeat_interleave(num_samples, 0),
-                                    prompt_attention_mask.new_zeros(logits.shape[0], max_new_tokens)], 1)
+        attention_mask = torch.cat(
+            [
+                prompt_attention_mask.repeat_interleave(num_samples, 0),
+                prompt_attention_mask.new_zeros(logits.shape[0], max_new_tokens),
+            ],
+            1,
+        )
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         tokens, masks = [], []
         for t in range(max_new_tokens):
@@ -48,12 +84,16 @@ def generate(model, prompt_token_ids, prompt_attention_mask, max_new_tokens: int
             if t == max_new_tokens - 1 or all_done(done):  # nothing more to sample: skip the forward
                 break
             attention_mask[:, num_prompt + t] = masks[-1]
-            logits = model(input_ids=tokens[-1][:, None], attention_mask=attention_mask[:, : num_prompt + t + 1], position_ids=next_position,
-                           past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(
+                input_ids=tokens[-1][:, None],
+                attention_mask=attention_mask[:, : num_prompt + t + 1],
+                position_ids=next_position,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1]
             next_position = next_position + 1
-    response_ids, response_mask = torch.stack(tokens, 1), torch.stack(masks, 1).long()
     model.train(was_training)
-    return response_ids, response_mask, response_mask.sum().item() / (time.perf_counter() - start)
+    return torch.stack(tokens, 1), torch.stack(masks, 1).long()
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:

@@ -6,7 +6,13 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, DynamicCache
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DynamicCache,
+)
 
 from common import toy
 from common.batch import GENERATIONS, collate, interleave_responses, to_device, tokenize_records
@@ -25,7 +31,10 @@ def load_tokenizer(model_name_or_path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        fail(f"model '{model_name_or_path}' not found: not a local folder with a tokenizer, nor loadable from the hub ({str(e).splitlines()[0]})")
+        fail(
+            f"model '{model_name_or_path}' not found: not a local folder with a tokenizer, nor loadable from the hub "
+            f"({str(e).splitlines()[0]})"
+        )
     if tokenizer.pad_token is None:  # padding is masked out; prefer a token that is not EOS (see load_reward_model)
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
@@ -41,9 +50,18 @@ def load_causal_lm(model_name_or_path: str, tokenizer, device: torch.device, gra
             model = AutoModelForCausalLM.from_config(toy.toy_config(tokenizer), attn_implementation=attn)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch.float32, attn_implementation=attn)
+            architectures = AutoConfig.from_pretrained(model_name_or_path).architectures or []
+            model = AutoModelForCausalLM.from_pretrained(
+                model_name_or_path, dtype=torch.float32, attn_implementation=attn
+            )
         except (OSError, ValueError) as e:
             fail(f"model '{model_name_or_path}' could not be loaded as a causal LM ({str(e).splitlines()[0]})")
+        if any(a.endswith("ForSequenceClassification") for a in architectures):  # it would load, with a new LM head
+            fail(
+                f"'{model_name_or_path}' is a sequence-classification model (a reward model: {architectures}), not a "
+                "causal LM; pass the causal LM to train or judge with (e.g. the SFT model), and a reward model as "
+                "--annotator reward_model:PATH"
+            )
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # training forwards; generation passes its own cache
@@ -60,30 +78,54 @@ def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return token_logps(logits, input_ids[:, first:]) * response_mask[:, first:], response_mask[:, first:]
 
 
-def shared_prompt_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor):
+def shared_prompt_logps(
+    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
+):
     """log pi(y_t | x, y_<t) for every response token of several responses per prompt: (N, Tr), zero at padding.
     prompt_ids (B, Tp) left-padded; response_ids (N, Tr) right-padded, N = n * B, with prompt i's n responses
     at rows i*n .. i*n + n - 1 (common.batch.interleave_responses). The prompt runs once and its KV cache
     serves its n responses, so a pair costs P + 2R tokens of compute instead of 2(P + R) (prefix sharing).
     Gradient checkpointing keeps no cache: then each response runs after its own copy of the prompt."""
-    n, (num_prompt, num_response) = response_ids.shape[0] // prompt_ids.shape[0], (prompt_ids.shape[1], response_ids.shape[1])
+    n, (num_prompt, num_response) = (
+        response_ids.shape[0] // prompt_ids.shape[0],
+        (prompt_ids.shape[1], response_ids.shape[1]),
+    )
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
-    response_positions = (positions[:, -1:] + 1 + torch.arange(num_response, device=positions.device)).repeat_interleave(n, 0)
+    response_positions = (
+        positions[:, -1:] + 1 + torch.arange(num_response, device=positions.device)
+    ).repeat_interleave(n, 0)
     attention_mask = torch.cat([prompt_mask.repeat_interleave(n, 0), response_mask], 1)  # (N, Tp + Tr)
     if any(getattr(layer, "gradient_checkpointing", False) for layer in model.model.layers):  # the layers' own switch
-        logits = model(input_ids=torch.cat([prompt_ids.repeat_interleave(n, 0), response_ids], 1), attention_mask=attention_mask,
-                       position_ids=torch.cat([positions.repeat_interleave(n, 0), response_positions], 1),
-                       logits_to_keep=torch.arange(num_prompt - 1, num_prompt + num_response - 1, device=prompt_ids.device)).logits
+        logits = model(
+            input_ids=torch.cat([prompt_ids.repeat_interleave(n, 0), response_ids], 1),
+            attention_mask=attention_mask,
+            position_ids=torch.cat([positions.repeat_interleave(n, 0), response_positions], 1),
+            logits_to_keep=torch.arange(num_prompt - 1, num_prompt + num_response - 1, device=prompt_ids.device),
+        ).logits
         return token_logps(logits, response_ids) * response_mask
     cache = DynamicCache()
-    first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, past_key_values=cache,
-                  use_cache=True, logits_to_keep=1).logits  # (B, 1, V): predicts each response's first token
+    first = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits  # (B, 1, V): predicts each response's first token
     # these logits must reach the loss: FSDP2 gathers a layer's parameters for backward through hooks on the
     # layer's outputs; were they unused, the backward through the cache would find the last layer resharded
     cache.batch_repeat_interleave(n)  # the prompt's keys and values, once per response
-    rest = model(input_ids=response_ids, attention_mask=attention_mask, position_ids=response_positions, past_key_values=cache,
-                 use_cache=True, logits_to_keep=torch.arange(num_response - 1, device=response_ids.device)).logits  # (N, Tr - 1, V)
-    logps = torch.cat([token_logps(first.repeat_interleave(n, 0), response_ids[:, :1]), token_logps(rest, response_ids[:, 1:])], 1)
+    rest = model(
+        input_ids=response_ids,
+        attention_mask=attention_mask,
+        position_ids=response_positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=torch.arange(num_response - 1, device=response_ids.device),
+    ).logits  # (N, Tr - 1, V)
+    logps = torch.cat(
+        [token_logps(first.repeat_interleave(n, 0), response_ids[:, :1]), token_logps(rest, response_ids[:, 1:])], 1
+    )
     return logps * response_mask
 
 
@@ -92,7 +134,13 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view(labels.shape)
 
 
-def load_reward_model(model_name_or_path: str, tokenizer, device: torch.device, from_causal_lm: bool = False):
+def load_reward_model(
+    model_name_or_path: str,
+    tokenizer,
+    device: torch.device,
+    from_causal_lm: bool = False,
+    gradient_checkpointing: bool = False,
+):
     """A sequence-classification model with one output: the reward. With from_causal_lm, a causal-LM
     checkpoint (or `toy`) gets a fresh score head, to be trained by reward_model.py.
 
@@ -113,17 +161,24 @@ def load_reward_model(model_name_or_path: str, tokenizer, device: torch.device, 
             fail(f"reward model '{model_name_or_path}' not found ({str(e).splitlines()[0]})")
         architectures = config.architectures or []
         if not from_causal_lm and not any(a.endswith("ForSequenceClassification") for a in architectures):
-            fail(f"'{model_name_or_path}' is not a sequence-classification model (architectures: {architectures}); "
-                 "train one with reward_model.py or pass an AutoModelForSequenceClassification checkpoint")
+            fail(
+                f"'{model_name_or_path}' is not a sequence-classification model (architectures: {architectures}); "
+                "train one with reward_model.py or pass an AutoModelForSequenceClassification checkpoint"
+            )
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_name_or_path, num_labels=1, dtype=torch.float32, attn_implementation=attn)
+            model_name_or_path, num_labels=1, dtype=torch.float32, attn_implementation=attn
+        )
     model.config.pad_token_id = tokenizer.pad_token_id
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model
 
 
 @torch.no_grad()
-def reward_scores(model, tokenizer, prompts: list, responses: list[str], max_length: int = 1024, batch_size: int = 16) -> torch.Tensor:
+def reward_scores(
+    model, tokenizer, prompts: list, responses: list[str], max_length: int = 1024, batch_size: int = 16
+) -> torch.Tensor:
     """Score (prompt, response) texts with a reward model, using its own tokenizer (and chat template, for
     message prompts), minus the mean reward recorded at training time (config.reward_mean, if centred).
     The same tokenization as training: prompt and response tokenized apart, EOS appended. (N,) float."""
@@ -132,8 +187,11 @@ def reward_scores(model, tokenizer, prompts: list, responses: list[str], max_len
     rows = tokenize_records(records, tokenizer, max_length, max_length // 2)
     scores = []
     for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start: start + batch_size], tokenizer.pad_token_id)
-        out = model(input_ids=batch["generation1_token_ids"].to(device), attention_mask=batch["generation1_attention_mask"].to(device))
+        batch = collate(rows[start : start + batch_size], tokenizer.pad_token_id)
+        out = model(
+            input_ids=batch["generation1_token_ids"].to(device),
+            attention_mask=batch["generation1_attention_mask"].to(device),
+        )
         scores.append(out.logits[:, 0].float().cpu())
     return torch.cat(scores) - getattr(model.config, "reward_mean", 0.0)
 
@@ -149,8 +207,10 @@ def add_reference_logps(model, rows: list[dict], pad_token_id: int, batch_size: 
     mine = list(range(rank * share, min(len(rows), (rank + 1) * share)))
     logps = torch.zeros(len(rows), len(generations), dtype=torch.float64)
     for start in range(0, share, batch_size):
-        index = mine[start: start + batch_size]
-        batch = to_device(collate([rows[i] for i in index or [0]], pad_token_id), device)  # a dummy batch keeps forwards in step
+        index = mine[start : start + batch_size]
+        batch = to_device(
+            collate([rows[i] for i in index or [0]], pad_token_id), device
+        )  # a dummy batch keeps forwards in step
         # every generation of the batch in one forward that runs each prompt once
         inputs = batch["prompt_token_ids"], batch["prompt_attention_mask"], *interleave_responses(batch, generations)
         sums = shared_prompt_logps(model, *inputs).sum(-1).view(-1, len(generations))  # (B, G)

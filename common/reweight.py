@@ -19,7 +19,8 @@ Kinds, chosen by `make_reweighter(spec)` (a script's --reweighter):
                              (preference None; such rows already have weight 0) gets factor 0.
     python:MODULE:FUNCTION   FUNCTION(rows) -> one factor >= 0 per row (list, tuple or 1-D tensor); it gets
                              copies of the rows, so it cannot change them
-`stats` counts, since the last `metrics()` call: rows, factor_sum and zero_factor (rows with factor 0).
+`stats` describes the latest call (one step on this process): rows, factor_sum and zero_factor (rows with factor 0);
+`metrics(totals)` turns those counts, summed over processes, into the logged reweight/* metrics.
 """
 
 import collections
@@ -43,9 +44,9 @@ class Reweighter:
 
     def __call__(self, rows: list[dict]) -> list[dict]:
         factors = self.factors(rows)
-        self.stats["rows"] += len(rows)
-        self.stats["factor_sum"] += sum(factors)
-        self.stats["zero_factor"] += sum(f == 0 for f in factors)
+        self.stats = collections.Counter(
+            rows=len(rows), factor_sum=sum(factors), zero_factor=sum(f == 0 for f in factors)
+        )
         reweighted = []
         for row, factor in zip(rows, factors):
             row = dict(row)
@@ -58,20 +59,23 @@ class Reweighter:
     def factors(self, rows: list[dict]) -> list[float]:
         raise NotImplementedError
 
-    def metrics(self, totals: dict | None = None) -> dict:
-        """Under reweight/, from `totals` (this process's stats summed over processes, e.g. with
-        common.distributed.sum_counters(reweighter.stats)) or, without it, this process's stats. Clears stats."""
-        totals = dict(self.stats if totals is None else totals)
-        self.stats.clear()
+    @staticmethod
+    def metrics(totals: dict) -> dict:
+        """reweight/* from `stats` summed over processes (common.distributed.sum_over_processes)."""
         rows = max(totals.get("rows", 0), 1)
-        return {"reweight/mean_factor": totals.get("factor_sum", 0) / rows,
-                "reweight/zero_fraction": totals.get("zero_factor", 0) / rows}
+        return {
+            "reweight/mean_factor": totals.get("factor_sum", 0) / rows,
+            "reweight/zero_fraction": totals.get("zero_factor", 0) / rows,
+        }
 
 
 class ConfidenceReweighter(Reweighter):
     def factors(self, rows):
         if any("preference" not in row for row in rows):
-            fail("--reweighter confidence needs the annotator's preference probability, which only online pairwise rows have (--online)")
+            fail(
+                "--reweighter confidence needs the annotator's preference probability, which only online pairwise "
+                "rows have (--online)"
+            )
         return [0.0 if row["preference"] is None else abs(2 * row["preference"] - 1) for row in rows]
 
 
@@ -85,12 +89,18 @@ class PythonReweighter(Reweighter):
 
     def factors(self, rows):
         values = self.function(copy.deepcopy(rows))  # deep: the token id lists of offline rows are reused every epoch
-        expected = f"--reweighter {self.name} must return one factor per row (a list, tuple or 1-D tensor of {len(rows)} finite numbers >= 0)"
+        expected = (
+            f"--reweighter {self.name} must return one factor per row "
+            f"(a list, tuple or 1-D tensor of {len(rows)} finite numbers >= 0)"
+        )
         if isinstance(values, torch.Tensor) and values.dim() != 1:
             fail(f"{expected}, got a {values.dim()}-D tensor")
         values = values.tolist() if isinstance(values, torch.Tensor) else values
         if not isinstance(values, (list, tuple)) or len(values) != len(rows):
-            fail(f"{expected}, got {type(values).__name__}" + (f" of length {len(values)}" if isinstance(values, (list, tuple)) else ""))
+            fail(
+                f"{expected}, got {type(values).__name__}"
+                + (f" of length {len(values)}" if isinstance(values, (list, tuple)) else "")
+            )
         bad = [v for v in values if not (isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0)]
         if bad:
             fail(f"{expected}, got {bad[0]!r}")

@@ -10,6 +10,7 @@ common/toy_tokenizer/ and a ~0.9M-parameter Llama made from `toy_config`.
 """
 
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -28,9 +29,17 @@ SPLIT_SEEDS = {"train": 0, "test": 1}
 
 def toy_config(tokenizer) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
 
 
@@ -91,17 +100,30 @@ def records(split: str, kind: str) -> list[dict]:
 def eval_batch(tokenizer, num_prompts: int, device: torch.device) -> dict:
     """This process's share of the first num_prompts held-out prompts, as one batch."""
     rows = tokenize_records(records("test", "prompt")[:num_prompts], tokenizer, max_length=64, max_prompt_length=32)
-    return to_device(collate(rows[dist.get_rank():: dist.get_world_size()], tokenizer.pad_token_id), device)
+    return to_device(collate(rows[dist.get_rank() :: dist.get_world_size()], tokenizer.pad_token_id), device)
 
 
 def evaluate(model, tokenizer, batch: dict, num_prompts: int, temperature: float = 1.0, seed: int = 0) -> dict:
     """eval/reward: mean true reward of responses sampled at `temperature` (1.0 measures the policy itself,
     not its mode), over all processes. Uses its own generator, so evaluating never moves the training RNG."""
     generator = torch.Generator(batch["prompt_token_ids"].device).manual_seed(seed)
-    response_ids, response_mask, tokens_per_s = generate(
-        model, batch["prompt_token_ids"], batch["prompt_attention_mask"], max_new_tokens=16, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, temperature=temperature, generator=generator)
+    start = time.perf_counter()
+    response_ids, response_mask = generate(
+        model,
+        batch["prompt_token_ids"],
+        batch["prompt_attention_mask"],
+        max_new_tokens=16,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        temperature=temperature,
+        generator=generator,
+    )
+    seconds = time.perf_counter() - start
     responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
     reward = sum(true_reward(p, r) for p, r in zip(batch["prompt"], responses))
-    return {"eval/reward": all_reduce(reward).item() / num_prompts, "eval/generated_tokens_per_s": tokens_per_s,
-            "eval/response_length": all_reduce(response_mask.sum()).item() / num_prompts}
+    return {
+        "eval/reward": all_reduce(reward).item() / num_prompts,
+        "eval/generated_tokens_per_s": all_reduce(response_mask.sum()).item()
+        / seconds,  # all processes' tokens, sampled in parallel
+        "eval/response_length": all_reduce(response_mask.sum()).item() / num_prompts,
+    }

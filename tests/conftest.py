@@ -1,17 +1,22 @@
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 HH_PATH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 @pytest.fixture(scope="session")
@@ -39,11 +44,16 @@ def bpe_tokenizer(tmp_path_factory, hh_rows):
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     texts = (r[k] for r in hh_rows[:1000] for k in ("chosen", "rejected"))
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2000, special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=2000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     path = tmp_path_factory.mktemp("bpe")
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                            chat_template=CHATML).save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML
+    ).save_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -55,11 +65,23 @@ def world_of_one():
     yield
 
 
-def run_script(script: str, *args: str, nproc: int = 1, check: bool = True, env: dict | None = None, timeout: int = 300):
+def run_script(
+    script: str, *args: str, nproc: int = 1, check: bool = True, env: dict | None = None, timeout: int = 300
+):
     """Run a top-level script (under torchrun when nproc > 1) in the repo; returns the CompletedProcess."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
-    proc = subprocess.run([*launcher, script, *args], cwd=REPO, capture_output=True, text=True, env=full_env, timeout=timeout)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        if nproc > 1
+        else [sys.executable]
+    )
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+        **(env or {}),
+    }
+    proc = subprocess.run(
+        [*launcher, script, *args], cwd=REPO, capture_output=True, text=True, env=full_env, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -75,3 +97,31 @@ def sft_model(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("sft")
     run_script("sft.py", "--output_dir", str(output_dir))
     return output_dir
+
+
+def assert_resume_is_exact(tmp_path, script: str, *args: str, checkpoint: int, env: dict | None = None):
+    """Run `script args` straight through; run it again, SIGKILL it once checkpoint-<checkpoint> exists, resume it;
+    the final weights must be bit-identical and the logged steps the same."""
+    from safetensors.torch import load_file
+
+    run_script(script, *args, "--output_dir", str(tmp_path / "straight"), env=env)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, script, *args, "--output_dir", str(killed)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    deadline = time.time() + 240
+    while not (killed / f"checkpoint-{checkpoint}").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "model.safetensors").exists()
+    resumed = run_script(script, *args, "--output_dir", str(killed), "--resume", env=env)
+    assert "resuming run" in resumed.stdout
+    straight, final = load_file(tmp_path / "straight" / "model.safetensors"), load_file(killed / "model.safetensors")
+    for name, w in straight.items():
+        assert torch.equal(w, final[name]), name
+    assert [m["step"] for m in read_metrics(killed)] == [m["step"] for m in read_metrics(tmp_path / "straight")]

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from common.annotators import make_annotator
+from common.annotators import JudgeArgs, make_annotator
 from common.model import load_causal_lm, load_reward_model, load_tokenizer
 
 CPU = torch.device("cpu")
@@ -34,12 +34,10 @@ def test_toy_known_values():
 def test_unknown_spec_and_option_fail_in_one_line():
     for spec in ("gpt4", "reward_model:", "python:only_module", "http:localhost:8000/v1"):
         with pytest.raises(SystemExit) as e:
-            make_annotator(spec, CPU, judge_model="m")
+            make_annotator(spec, CPU, JudgeArgs(model="m"))
         assert "\n" not in str(e.value) and "annotator" in str(e.value)
     with pytest.raises(SystemExit, match="python:MODULE:FUNCTION"):
         make_annotator("gpt4", CPU)
-    with pytest.raises(SystemExit, match="judge_temperature"):
-        make_annotator("toy", CPU, judge_temperature=0.0)
 
 
 @pytest.fixture
@@ -52,7 +50,8 @@ def rewards_module(tmp_path, monkeypatch):
         "def words(prompts, responses):\n"
         "    return ['good' for r in responses]\n"
         "def some_none(prompts, responses):\n"
-        "    return [None if r == '?' else 1 for r in responses]\n")
+        "    return [None if r == '?' else 1 for r in responses]\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     return "annotator_test_rewards"
 
@@ -95,16 +94,31 @@ def test_reward_model_matches_a_direct_forward(toy_folders):
     prompts, responses = ["dbca=", "zyx=", "dbca="], ["abcd", "xy", "abdc"]
     scores = annotator.score(prompts, responses)
     with torch.no_grad():  # one unpadded sequence at a time: prompt tokens (with BOS), response tokens, EOS
-        expected = [reward_model(input_ids=torch.tensor([tokenizer(p)["input_ids"] + tokenizer.encode(r, add_special_tokens=False)
-                                                          + [tokenizer.eos_token_id]])).logits[0, 0].item()
-                    for p, r in zip(prompts, responses)]
+        expected = [
+            reward_model(
+                input_ids=torch.tensor(
+                    [
+                        tokenizer(p)["input_ids"]
+                        + tokenizer.encode(r, add_special_tokens=False)
+                        + [tokenizer.eos_token_id]
+                    ]
+                )
+            )
+            .logits[0, 0]
+            .item()
+            for p, r in zip(prompts, responses)
+        ]
     assert scores == pytest.approx(expected, abs=1e-5)
     assert len(set(scores)) == 3  # a random head still tells the responses apart
     # Bradley-Terry: P(response1 is better) = sigmoid(r1 - r2); exactly 0.5 for the same response twice
     preferences = annotator.prefer(prompts, responses, responses[::-1])
     difference = scores[0] - scores[2]
-    assert preferences == pytest.approx([1 / (1 + math.exp(-difference)), 0.5, 1 / (1 + math.exp(difference))], abs=1e-6)
-    assert preferences[1] == 0.5 and 0 < preferences[0] < 1 and preferences[0] != 0.5  # a probability, not a hard verdict
+    assert preferences == pytest.approx(
+        [1 / (1 + math.exp(-difference)), 0.5, 1 / (1 + math.exp(difference))], abs=1e-6
+    )
+    assert (
+        preferences[1] == 0.5 and 0 < preferences[0] < 1 and preferences[0] != 0.5
+    )  # a probability, not a hard verdict
     with pytest.raises(SystemExit, match="not a sequence-classification model") as e:
         make_annotator(f"reward_model:{lm_path}", CPU)
     assert "\n" not in str(e.value)
@@ -112,7 +126,7 @@ def test_reward_model_matches_a_direct_forward(toy_folders):
 
 def test_local_judge_is_antisymmetric(toy_folders, monkeypatch):
     *_, lm_path = toy_folders
-    annotator = make_annotator(f"judge:{lm_path}", CPU, judge_batch_size=3)  # batches of 3: padding in play
+    annotator = make_annotator(f"judge:{lm_path}", CPU, JudgeArgs(batch_size=3))  # batches of 3: padding in play
     prompts = ["dbca=", [{"role": "user", "content": "sort zyx"}], "qwer="]
     a, b = ["abcd", "xyz", "eqrw"], ["bacd", "zyx", "eqr"]
     ab, ba = annotator.prefer(prompts, a, b), annotator.prefer(prompts, b, a)
@@ -123,17 +137,23 @@ def test_local_judge_is_antisymmetric(toy_folders, monkeypatch):
     scores = annotator.score(prompts, a)
     assert all(0 <= s <= 9 for s in scores) and len(set(scores)) == 3
     assert annotator.prefer(prompts[:1], a[:1], a[:1]) == pytest.approx([0.5])  # same response twice: a tie
-    short = {"judge_score_template": "{prompt} -> {response}\n"}  # padding must not change a question's answer
-    one_by_one = make_annotator(f"judge:{lm_path}", CPU, judge_batch_size=1, **short).score(prompts, b)
-    assert make_annotator(f"judge:{lm_path}", CPU, judge_batch_size=3, **short).score(prompts, b) == pytest.approx(one_by_one, abs=1e-5)
+    short = {"score_template": "{prompt} -> {response}\n"}  # padding must not change a question's answer
+    one_by_one = make_annotator(f"judge:{lm_path}", CPU, JudgeArgs(batch_size=1, **short)).score(prompts, b)
+    assert make_annotator(f"judge:{lm_path}", CPU, JudgeArgs(batch_size=3, **short)).score(prompts, b) == pytest.approx(
+        one_by_one, abs=1e-5
+    )
 
-    chat = make_annotator(f"judge:{lm_path}", CPU, judge_template=PAIR_TEMPLATE)
-    monkeypatch.setattr(chat.tokenizer, "chat_template",
-                        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>", raising=False)
+    chat = make_annotator(f"judge:{lm_path}", CPU, JudgeArgs(template=PAIR_TEMPLATE))
+    monkeypatch.setattr(
+        chat.tokenizer,
+        "chat_template",
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>",
+        raising=False,
+    )
     assert chat.encode("hi") == chat.tokenizer.encode("<user>hi<assistant>", add_special_tokens=False)
     assert chat.prefer(prompts, a, b) == pytest.approx([1 - p for p in chat.prefer(prompts, b, a)], abs=1e-6)
-    with pytest.raises(SystemExit, match="judge_template"):
-        make_annotator(f"judge:{lm_path}", CPU, judge_template="{prompt} {answer}")
+    with pytest.raises(SystemExit, match="--judge.template"):
+        make_annotator(f"judge:{lm_path}", CPU, JudgeArgs(template="{prompt} {answer}"))
 
 
 @pytest.fixture
@@ -197,17 +217,25 @@ def judge_env(monkeypatch):
 
 def test_http_judge_verdicts_and_api_key(judge_server, judge_env, capsys):
     url, received = judge_server(longer_is_better)
-    options = {"judge_model": "judge-7b", "judge_api_key_env": "JUDGE_TEST_KEY", "judge_template": PAIR_TEMPLATE,
-               "judge_score_template": SCORE_TEMPLATE}
+    options = {
+        "model": "judge-7b",
+        "api_key_env": "JUDGE_TEST_KEY",
+        "template": PAIR_TEMPLATE,
+        "score_template": SCORE_TEMPLATE,
+    }
     for spec in (f"http:{url}", url):
-        annotator = make_annotator(spec, CPU, **options)
+        annotator = make_annotator(spec, CPU, JudgeArgs(**options))
         prompts = ["p", [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}], "p"]
         # equal lengths: both orders answer "2", so the orders disagree and the pair is a tie
         assert annotator.prefer(prompts, ["long one", "a", "same"], ["short", "longer", "same"]) == [1.0, 0.0, 0.5]
         assert annotator.stats["judge_order_agreement"] == 2 and annotator.stats["judge_order_disagreement"] == 1
         assert annotator.score(["p", "p", "p"], ["abc", "", "abcdefghijklmnop"]) == [3.0, 0.0, 10.0]
-        assert annotator.stats == Counter(requests=6, failed=0, unparsable=0, judge_order_agreement=2, judge_order_disagreement=1)
-    assert {(auth, path, model) for auth, path, model, _ in received} == {(f"Bearer {KEY}", "/v1/chat/completions", "judge-7b")}
+        assert annotator.stats == Counter(
+            requests=6, failed=0, unparsable=0, judge_order_agreement=2, judge_order_disagreement=1
+        )
+    assert {(auth, path, model) for auth, path, model, _ in received} == {
+        (f"Bearer {KEY}", "/v1/chat/completions", "judge-7b")
+    }
     assert any("Q:User: hello\nAssistant: hi\n1:" in question for *_, question in received)
     assert KEY not in str(annotator.stats) and KEY not in repr(vars(annotator))
     captured = capsys.readouterr()
@@ -230,8 +258,19 @@ def flaky(question, n):
 
 def test_http_judge_counts_failures_and_never_guesses(judge_server, judge_env, capsys):
     url, received = judge_server(flaky)
-    annotator = make_annotator(f"http:{url}", CPU, judge_model="m", judge_api_key_env="JUDGE_TEST_KEY", judge_retries=1,
-                               judge_backoff=0.01, judge_timeout=1.5, judge_template=PAIR_TEMPLATE, judge_score_template=SCORE_TEMPLATE)
+    annotator = make_annotator(
+        f"http:{url}",
+        CPU,
+        JudgeArgs(
+            model="m",
+            api_key_env="JUDGE_TEST_KEY",
+            retries=1,
+            backoff=0.01,
+            timeout=1.5,
+            template=PAIR_TEMPLATE,
+            score_template=SCORE_TEMPLATE,
+        ),
+    )
     start = time.perf_counter()
     responses1 = ["long one", "a", "err500", "stall", "maybe", "empty", "three", "once500 long"]
     responses2 = ["short", "longer", "b", "b", "b", "b", "b", "b"]
@@ -240,8 +279,17 @@ def test_http_judge_counts_failures_and_never_guesses(judge_server, judge_env, c
     assert time.perf_counter() - start < 10
     # pairs: err500 2 questions x 2 attempts, once500 2 x 1; stall 2 x 2 timeouts; maybe/empty/three 2 each.
     # scores: eleven and maybe unparsable, err500 1 x 2 attempts. Retries: one per failed first attempt (7).
-    expected = {"requests": 13, "failed": 8, "http_error": 8, "http_500": 6, "http_503": 2, "retries": 7, "timeout": 4,
-                "unparsable": 8, "judge_order_agreement": 3}
+    expected = {
+        "requests": 13,
+        "failed": 8,
+        "http_error": 8,
+        "http_500": 6,
+        "http_503": 2,
+        "retries": 7,
+        "timeout": 4,
+        "unparsable": 8,
+        "judge_order_agreement": 3,
+    }
     assert {k: annotator.stats[k] for k in expected} == expected
     assert annotator.stats["connection_error"] == 0 and annotator.stats["judge_order_disagreement"] == 0
     assert all(auth == f"Bearer {KEY}" for auth, *_ in received)
@@ -251,15 +299,17 @@ def test_http_judge_counts_failures_and_never_guesses(judge_server, judge_env, c
 
 def test_http_judge_position_bias_and_unreachable(judge_server, judge_env, capsys):
     url, received = judge_server(lambda question, n: (200, "1", 0))  # always picks the first shown
-    annotator = make_annotator(url, CPU, judge_model="m", judge_template=PAIR_TEMPLATE)  # $OPENAI_API_KEY is unset
+    annotator = make_annotator(url, CPU, JudgeArgs(model="m", template=PAIR_TEMPLATE))  # $OPENAI_API_KEY is unset
     assert annotator.prefer(["p", "p"], ["a", "bb"], ["bb", "a"]) == [0.5, 0.5]
     assert annotator.stats["judge_order_disagreement"] == 2
     assert [auth for auth, *_ in received] == [None] * 4 and "$OPENAI_API_KEY is not set" in capsys.readouterr().out
     with socket.socket() as s:  # a port with nothing listening: connection refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    annotator = make_annotator(f"http://127.0.0.1:{port}/v1", CPU, judge_model="m", judge_retries=2, judge_backoff=0.01)
+    annotator = make_annotator(f"http://127.0.0.1:{port}/v1", CPU, JudgeArgs(model="m", retries=2, backoff=0.01))
     assert annotator.score(["p", "p"], ["a", "b"]) == [None, None]
-    assert annotator.stats["connection_error"] == 6 and annotator.stats["retries"] == 4 and annotator.stats["failed"] == 2
-    with pytest.raises(SystemExit, match="judge_model"):
+    assert (
+        annotator.stats["connection_error"] == 6 and annotator.stats["retries"] == 4 and annotator.stats["failed"] == 2
+    )
+    with pytest.raises(SystemExit, match="--judge.model"):
         make_annotator(url, CPU)

@@ -9,9 +9,20 @@ from common.data import load_records
 from common.model import load_tokenizer
 
 SCHEMA = {"prompt", "prompt_token_ids", "prompt_attention_mask"} | {
-    f"{g}{suffix}" for g in ("generation1", "generation2")
-    for suffix in ("", "_response_only", "_token_ids", "_attention_mask", "_response_mask", "_response_token_ids",
-                   "_response_attention_mask", "_reward", "_weight")}
+    f"{g}{suffix}"
+    for g in ("generation1", "generation2")
+    for suffix in (
+        "",
+        "_response_only",
+        "_token_ids",
+        "_attention_mask",
+        "_response_mask",
+        "_response_token_ids",
+        "_response_attention_mask",
+        "_reward",
+        "_weight",
+    )
+}
 
 
 def test_real_hh_rows_split_exactly(hh_path, bpe_tokenizer):
@@ -40,7 +51,9 @@ def test_real_hh_rows_split_exactly(hh_path, bpe_tokenizer):
 
 def test_truncation_keeps_end_of_prompt(hh_path, bpe_tokenizer):
     tok = bpe_tokenizer
-    record = max(load_records(str(hh_path), "train", "sft")[:300], key=lambda r: len(r["prompt"]) + len(r["generation1"]))
+    record = max(
+        load_records(str(hh_path), "train", "sft")[:300], key=lambda r: len(r["prompt"]) + len(r["generation1"])
+    )
     prompt_ids = tok(record["prompt"])["input_ids"]
     response_ids = tok(record["generation1"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert len(prompt_ids) > 64 and len(response_ids) > 32
@@ -54,10 +67,18 @@ def test_truncation_keeps_end_of_prompt(hh_path, bpe_tokenizer):
 
 def test_chat_template(bpe_tokenizer):
     tok = bpe_tokenizer
-    records = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
-                "generation1": "Hello!", "generation2": "Go away."}]
+    records = [
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
+            "generation1": "Hello!",
+            "generation2": "Go away.",
+        }
+    ]
     row = tokenize_records(records, tok, max_length=256, max_prompt_length=128)[0]
-    assert row["prompt"] == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        row["prompt"]
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert tok.decode(row["prompt_ids"]) == row["prompt"]
     # the template closes the turn with <|im_end|>, which is EOS: the response ends there, EOS not doubled
     assert row["generation1_response_only"] == "Hello!<|im_end|>"
@@ -83,7 +104,9 @@ def test_toy_rows_get_bos_and_eos():
 
 def test_collate_padding():
     tok = load_tokenizer("toy")
-    rows = tokenize_records([{"prompt": "ab=", "generation1": "ab"}, {"prompt": "dcba=", "generation1": "abcd"}], tok, 64, 32)
+    rows = tokenize_records(
+        [{"prompt": "ab=", "generation1": "ab"}, {"prompt": "dcba=", "generation1": "abcd"}], tok, 64, 32
+    )
     batch = collate(rows, tok.pad_token_id)
     assert batch["prompt_attention_mask"].tolist() == [[0, 0, 1, 1, 1, 1], [1] * 6]  # left-padded
     assert batch["generation1_attention_mask"].tolist() == [[1] * 7 + [0] * 4, [1] * 11]  # right-padded
@@ -92,14 +115,22 @@ def test_collate_padding():
 
 def test_factory_steps_do_not_depend_on_split(world_of_one):
     tok = load_tokenizer("toy")
-    rows = tokenize_records([{"prompt": f"{c}=", "generation1": c * (i % 5 + 1)} for i, c in enumerate("abcdefghijklmnop")], tok, 64, 32)
+    rows = tokenize_records(
+        [{"prompt": f"{c}=", "generation1": c * (i % 5 + 1)} for i, c in enumerate("abcdefghijklmnop")], tok, 64, 32
+    )
 
     def step_prompts(micro, accum, world, steps=5):
         out = []
         for _ in range(steps):
             prompts = []
             for rank in range(world):
-                factory = BatchFactory(rows, tok.pad_token_id, micro, accum, seed=3)
+                factory = BatchFactory(
+                    rows,
+                    pad_token_id=tok.pad_token_id,
+                    micro_batch_size=micro,
+                    gradient_accumulation_steps=accum,
+                    seed=3,
+                )
                 factory.rank, factory.world_size, factory.step = rank, world, len(out)
                 prompts += [p for b in factory.next_step() for p in b["prompt"]]
             out.append(sorted(prompts))

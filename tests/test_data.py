@@ -19,7 +19,7 @@ def test_hh_real_rows(hh_path, hh_rows, capsys):
     # every kept pair: prompt ends at the last assistant turn, the responses are what follows it
     # expected, worked out independently: split each dialogue at its last assistant turn; keep rows whose
     # chosen and rejected share the prompt and have non-empty replies
-    split = lambda d: (d[: d.rindex("\n\nAssistant:") + 12], d[d.rindex("\n\nAssistant:") + 12:])
+    split = lambda d: (d[: d.rindex("\n\nAssistant:") + 12], d[d.rindex("\n\nAssistant:") + 12 :])
     kept = [(split(r["chosen"]), split(r["rejected"])) for r in hh_rows]
     kept = [(c, r) for c, r in kept if c[0] == r[0] and c[1].strip() and r[1].strip()]
     assert len(kept) == len(pairs) == len(hh_rows) - 9
@@ -39,29 +39,58 @@ def test_hh_real_rows(hh_path, hh_rows, capsys):
 
 
 def test_pairwise_text_and_messages(tmp_path):
-    text = write_jsonl(tmp_path / "pairs.jsonl", [
-        {"prompt": "Q1", "chosen": " good", "rejected": " bad", "weight": 2.0},
-        {"prompt": "Q2", "chosen": " same", "rejected": " same"},  # identical: skipped
-        {"prompt": "Q3", "chosen": "", "rejected": " bad"},  # empty response: skipped
-    ])
+    text = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {"prompt": "Q1", "chosen": " good", "rejected": " bad", "weight": 2.0},
+            {"prompt": "Q2", "chosen": " same", "rejected": " same"},  # identical: skipped
+            {"prompt": "Q3", "chosen": "", "rejected": " bad"},  # empty response: skipped
+        ],
+    )
     records = load_records(text, "train", "pairwise")
-    assert records == [dict(prompt="Q1", generation1=" good", generation2=" bad", generation1_reward=1.0,
-                            generation2_reward=0.0, generation1_weight=2.0, generation2_weight=2.0)]
+    assert records == [
+        dict(
+            prompt="Q1",
+            generation1=" good",
+            generation2=" bad",
+            generation1_reward=1.0,
+            generation2_reward=0.0,
+            generation1_weight=2.0,
+            generation2_weight=2.0,
+        )
+    ]
     # ultrafeedback_binarized: prompt text, chosen/rejected = [user turn, assistant turn]
     user = {"role": "user", "content": "Q"}
-    messages = write_jsonl(tmp_path / "uf.jsonl", [{"prompt": "Q", "chosen": [user, {"role": "assistant", "content": "A"}],
-                                                    "rejected": [user, {"role": "assistant", "content": "B"}]}])
+    messages = write_jsonl(
+        tmp_path / "uf.jsonl",
+        [
+            {
+                "prompt": "Q",
+                "chosen": [user, {"role": "assistant", "content": "A"}],
+                "rejected": [user, {"role": "assistant", "content": "B"}],
+            }
+        ],
+    )
     record = load_records(messages, "train", "pairwise")[0]
     assert record["prompt"] == [user] and (record["generation1"], record["generation2"]) == ("A", "B")
     # chosen/rejected message lists with no prompt column: the shared prefix is the prompt
-    implicit = write_jsonl(tmp_path / "implicit.jsonl", [{"chosen": [user, {"role": "assistant", "content": "A"}],
-                                                          "rejected": [user, {"role": "assistant", "content": "B"}]}])
+    implicit = write_jsonl(
+        tmp_path / "implicit.jsonl",
+        [
+            {
+                "chosen": [user, {"role": "assistant", "content": "A"}],
+                "rejected": [user, {"role": "assistant", "content": "B"}],
+            }
+        ],
+    )
     assert load_records(implicit, "train", "pairwise")[0]["prompt"] == [user]
 
 
 def test_pointwise_sft_messages_prompt_layouts(tmp_path):
-    pointwise = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "Q", "completion": "A", "label": True},
-                                                      {"prompt": "Q", "completion": "B", "label": False}])
+    pointwise = write_jsonl(
+        tmp_path / "kto.jsonl",
+        [{"prompt": "Q", "completion": "A", "label": True}, {"prompt": "Q", "completion": "B", "label": False}],
+    )
     assert [r["generation1_reward"] for r in load_records(pointwise, "train", "pointwise")] == [1.0, 0.0]
     assert [r["generation1"] for r in load_records(pointwise, "train", "sft")] == ["A"]  # desirable rows only
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "Q", "completion": "A"}])

@@ -12,9 +12,11 @@ import torch
 from common import toy
 from common.annotators import Annotator, make_annotator
 from common.batch import OnlineBatchFactory
+from common.generation import GenerationArgs
 from common.model import load_causal_lm, load_tokenizer
 from common.reweight import make_reweighter
-from conftest import read_metrics, run_script
+from conftest import REPO, read_metrics, run_script
+from dpo_pairwise import label_pair
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +25,35 @@ def policy_and_tokenizer(sft_model, world_of_one):
     return load_causal_lm(str(sft_model), tokenizer, torch.device("cpu")), tokenizer
 
 
+def online_factory(policy, tokenizer, annotator, num_generations, **overrides):
+    """The factory as dpo_pairwise.py builds it (pairs: ties and failures dropped); one sample: every score kept."""
+    options = dict(
+        num_generations=num_generations,
+        label=label_pair if num_generations == 2 else lambda score: (score,),
+        generation=GenerationArgs(max_new_tokens=16),
+        max_prompt_length=32,
+        micro_batch_size=8,
+        gradient_accumulation_steps=1,
+        seed=0,
+    )
+    return OnlineBatchFactory(toy.records("train", "prompt"), tokenizer, policy, annotator, **(options | overrides))
+
+
 @pytest.mark.parametrize("pairwise", [True, False])
 def test_online_factory_labels_samples(policy_and_tokenizer, pairwise):
     policy, tokenizer = policy_and_tokenizer
-    factory = OnlineBatchFactory(toy.records("train", "prompt"), tokenizer, policy, make_annotator("toy", torch.device("cpu")), pairwise,
-                                 max_prompt_length=32, max_new_tokens=16, temperature=1.0, top_p=1.0, micro_batch_size=8,
-                                 gradient_accumulation_steps=2, seed=0, sample_reward=toy.true_reward)
+    factory = online_factory(
+        policy,
+        tokenizer,
+        make_annotator("toy", torch.device("cpu")),
+        2 if pairwise else 1,
+        gradient_accumulation_steps=2,
+        sample_reward=toy.true_reward,
+    )
     batches = factory.next_step()
-    assert len(batches) == 2 and all(len(b["prompt"]) == 8 for b in batches)  # exactly the step's examples, however many tied
+    assert len(batches) == 2 and all(
+        len(b["prompt"]) == 8 for b in batches
+    )  # exactly the step's examples, however many tied
     for batch in batches:
         for i, prompt in enumerate(batch["prompt"]):
             for g in ("generation1", "generation2") if pairwise else ("generation1",):
@@ -39,12 +62,28 @@ def test_online_factory_labels_samples(policy_and_tokenizer, pairwise):
                 assert tokenizer.decode(ids, skip_special_tokens=True) == batch[f"{g}_response_only"][i]
             weight = batch["generation1_weight"][i].item()
             if pairwise and weight == 1.0:  # a kept pair: generation1_reward says which one the annotator prefers
-                r1, r2 = (toy.true_reward(prompt, batch[f"{g}_response_only"][i]) for g in ("generation1", "generation2"))
-                assert r1 != r2 and batch["generation1_reward"][i].item() == float(r1 > r2) == 1 - batch["generation2_reward"][i].item()
+                r1, r2 = (
+                    toy.true_reward(prompt, batch[f"{g}_response_only"][i]) for g in ("generation1", "generation2")
+                )
+                assert (
+                    r1 != r2
+                    and batch["generation1_reward"][i].item()
+                    == float(r1 > r2)
+                    == 1 - batch["generation2_reward"][i].item()
+                )
+                assert batch["preference"][i].item() == float(r1 > r2)  # the annotator's verdict reaches the batch
             if not pairwise:
-                assert batch["generation1_reward"][i].item() == pytest.approx(toy.true_reward(prompt, batch["generation1_response_only"][i]))
-    metrics = factory.metrics()
-    assert 0 < metrics["online/kept_fraction"] <= 1 and metrics["online/eos_rate"] > 0.9 and metrics["online/sample_reward"] > 0.5
+                assert batch["generation1_reward"][i].item() == pytest.approx(
+                    toy.true_reward(prompt, batch["generation1_response_only"][i])
+                )
+    metrics = factory.metrics(factory.stats)
+    assert factory.metrics(factory.stats) == metrics  # reading the stats does not clear them
+    assert metrics["annotator/requests"] == factory.stats["examples"] > 0  # one request per pair or per response
+    assert (
+        0 < metrics["online/kept_fraction"] <= 1
+        and metrics["online/eos_rate"] > 0.9
+        and metrics["online/sample_reward"] > 0.5
+    )
 
 
 class UnsureToyJudge(Annotator):
@@ -60,20 +99,24 @@ def test_online_factory_reweights_by_confidence(policy_and_tokenizer):
     generation2 did (p = 0.2); a step padded with dropped pairs has them at weight 0."""
     policy, tokenizer = policy_and_tokenizer
     reweighter = make_reweighter("confidence")
-    factory = OnlineBatchFactory(toy.records("train", "prompt"), tokenizer, policy, UnsureToyJudge(), True, max_prompt_length=32,
-                                 max_new_tokens=16, temperature=1.0, top_p=1.0, micro_batch_size=8, gradient_accumulation_steps=1,
-                                 seed=0, reweighter=reweighter)
+    factory = online_factory(policy, tokenizer, UnsureToyJudge(), 2, reweighter=reweighter)
     batch = factory.next_step()[0]
-    kept = batch["generation1_reward"] != 0.5  # dropped (padding) pairs carry reward 0.5 on both sides
+    kept = batch["preference"] != 0.5  # dropped (padding) pairs are ties, here
     expected = torch.where(batch["generation1_reward"] == 1.0, 0.8, 0.6)
     assert kept.any() and torch.allclose(batch["generation1_weight"][kept], expected[kept])
-    assert torch.equal(batch["generation1_weight"], batch["generation2_weight"]) and (batch["generation1_weight"][~kept] == 0).all()
-    assert reweighter.stats["rows"] == int(kept.sum()) and reweighter.stats["factor_sum"] == pytest.approx(expected[kept].sum().item())
+    assert (
+        torch.equal(batch["generation1_weight"], batch["generation2_weight"])
+        and (batch["generation1_weight"][~kept] == 0).all()
+    )
+    assert reweighter.stats["rows"] == int(kept.sum()) and reweighter.stats["factor_sum"] == pytest.approx(
+        expected[kept].sum().item()
+    )
 
 
 class FlakyJudge(BaseHTTPRequestHandler):
     """An OpenAI-compatible judge of the toy task that is right when it answers, but of every 10 requests
     answers 500 to one, stalls past the client's timeout on one and answers garbage to one."""
+
     count, lock, stall = 0, threading.Lock(), 2.5
 
     def do_POST(self):
@@ -85,7 +128,9 @@ class FlakyJudge(BaseHTTPRequestHandler):
             return self.send_error(500)
         if n % 10 == 6:
             time.sleep(self.stall)
-        found = re.search(r"\[Conversation\]\n(.*)\n\n\[Response 1\]\n(.*)\n\n\[Response 2\]\n(.*)\n\nAnswer", question, re.S)
+        found = re.search(
+            r"\[Conversation\]\n(.*)\n\n\[Response 1\]\n(.*)\n\n\[Response 2\]\n(.*)\n\nAnswer", question, re.S
+        )
         prompt, a, b = found.groups()
         reward_a, reward_b = toy.true_reward(prompt, a), toy.true_reward(prompt, b)
         verdict = "maybe" if n % 10 == 8 else "1" if reward_a > reward_b else "2" if reward_b > reward_a else "1"
@@ -104,15 +149,40 @@ def test_online_dpo_survives_a_flaky_http_judge(sft_model, tmp_path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), FlakyJudge)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        run_script("dpo_pairwise.py", "--online", "--model_name_or_path", str(sft_model), "--annotator", f"http://127.0.0.1:{server.server_port}/v1",
-                   "--judge_model", "toy-judge", "--judge_timeout", "1", "--max_steps", "4", "--per_device_batch_size", "8",
-                   "--log_every", "1", "--eval_every", "1000", "--num_eval_prompts", "16", "--output_dir", str(tmp_path),
-                   env={"OPENAI_API_KEY": "sk-test-do-not-log"})
+        run_script(
+            "dpo_pairwise.py",
+            "--online",
+            "--model_name_or_path",
+            str(sft_model),
+            "--annotator",
+            f"http://127.0.0.1:{server.server_port}/v1",
+            "--judge.model",
+            "toy-judge",
+            "--judge.timeout",
+            "1",
+            "--max_steps",
+            "4",
+            "--per_device_batch_size",
+            "8",
+            "--log_every",
+            "1",
+            "--eval_every",
+            "1000",
+            "--num_eval_prompts",
+            "16",
+            "--output_dir",
+            str(tmp_path),
+            env={"OPENAI_API_KEY": "sk-test-do-not-log"},
+        )
     finally:
         server.shutdown()
     metrics = read_metrics(tmp_path)
     annotator = [m for m in metrics if "annotator/requests" in m][-1]
-    assert annotator["annotator/http_500"] > 0 and annotator["annotator/timeout"] > 0 and annotator["annotator/unparsable"] > 0
+    assert (
+        annotator["annotator/http_500"] > 0
+        and annotator["annotator/timeout"] > 0
+        and annotator["annotator/unparsable"] > 0
+    )
     # failures are dropped (not guessed): a pair fails when either of its two orders fails even after the retries
     assert annotator["annotator/failed"] > 0 and sum(m.get("online/failed", 0) for m in metrics) > 0
     assert len([m for m in metrics if "train/loss" in m]) == 4  # and training went on
@@ -120,8 +190,25 @@ def test_online_dpo_survives_a_flaky_http_judge(sft_model, tmp_path):
 
 
 def test_online_dpo_under_torchrun(sft_model, tmp_path):
-    run_script("dpo_pairwise.py", "--online", "--model_name_or_path", str(sft_model), "--max_steps", "3", "--per_device_batch_size", "8",
-               "--log_every", "1", "--eval_every", "1000", "--num_eval_prompts", "16", "--output_dir", str(tmp_path), nproc=2)
+    run_script(
+        "dpo_pairwise.py",
+        "--online",
+        "--model_name_or_path",
+        str(sft_model),
+        "--max_steps",
+        "3",
+        "--per_device_batch_size",
+        "8",
+        "--log_every",
+        "1",
+        "--eval_every",
+        "1000",
+        "--num_eval_prompts",
+        "16",
+        "--output_dir",
+        str(tmp_path),
+        nproc=2,
+    )
     metrics = read_metrics(tmp_path)
     assert len([m for m in metrics if "train/loss" in m]) == 3 and any("online/kept_fraction" in m for m in metrics)
 
@@ -148,10 +235,13 @@ def test_generate_runs_each_prompt_once_for_its_samples(world_of_one):
     tokenizer = load_tokenizer("toy")
     policy = shard_model(load_causal_lm("toy", tokenizer, torch.device("cpu")), torch.device("cpu"))
     prompts = [tokenizer(p)["input_ids"] for p in ("a", "dbca=", "fedcba=")]
-    shared = generate(policy, *pad(prompts, tokenizer.pad_token_id, left=True), 12, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                      temperature=0.0, num_samples=2)[0]
-    repeated = generate(policy, *pad([p for p in prompts for _ in range(2)], tokenizer.pad_token_id, left=True), 12,
-                        tokenizer.eos_token_id, tokenizer.pad_token_id, temperature=0.0)[0]
+    options = dict(
+        max_new_tokens=12, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, temperature=0.0
+    )
+    shared = generate(policy, *pad(prompts, tokenizer.pad_token_id, left=True), **options, num_samples=2)[0]
+    repeated = generate(
+        policy, *pad([p for p in prompts for _ in range(2)], tokenizer.pad_token_id, left=True), **options
+    )[0]
     assert shared.shape[0] == 6 and torch.equal(shared, repeated) and torch.equal(shared[0::2], shared[1::2])
     assert all(isinstance(p, DTensor) for p in policy.parameters())
 
@@ -168,3 +258,39 @@ def test_sampling_follows_the_distribution():
     freq = torch.bincount(sample(logits, 1.0, 0.6, generator), minlength=4) / 20000
     assert torch.allclose(freq, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.015)
     assert sample(logits[:2], 0.0, 1.0, generator).tolist() == [0, 0]
+
+
+def test_soft_label_fork_is_a_few_lines(sft_model, tmp_path):
+    """cDPO with the annotator's probability as the label: three lines changed in dpo_pairwise.py's loop, nothing in
+    common/. With the toy annotator's sure verdicts (p = 1 or 0) the soft label is the hard one, so the fork trains
+    exactly as DPO does."""
+    source = (REPO / "dpo_pairwise.py").read_text()
+    line = "            losses = dpo_loss(logits, args.beta, args.loss_type, args.label_smoothing)\n"
+    soft = (
+        '            preference = batch["preference"]  # the annotator\'s probability that generation1 is better\n'
+        "            label_smoothing = 1 - torch.maximum(preference, 1 - preference)  # doubt in the chosen\n"
+        "            losses = dpo_loss(logits, args.beta, args.loss_type, label_smoothing)\n"
+    )
+    at = source.rindex(line)  # the training loop's (the last) use of the loss
+    (tmp_path / "dpo_soft.py").write_text(source[:at] + soft + source[at + len(line) :])
+    args = [
+        "--online",
+        "--model_name_or_path",
+        str(sft_model),
+        "--max_steps",
+        "3",
+        "--per_device_batch_size",
+        "8",
+        "--log_every",
+        "1",
+        "--eval_every",
+        "1000",
+        "--num_eval_prompts",
+        "16",
+    ]
+    run_script("dpo_pairwise.py", *args, "--output_dir", str(tmp_path / "dpo"))
+    run_script(
+        str(tmp_path / "dpo_soft.py"), *args, "--output_dir", str(tmp_path / "soft"), env={"PYTHONPATH": str(REPO)}
+    )
+    losses = [[m["train/loss"] for m in read_metrics(tmp_path / d) if "train/loss" in m] for d in ("dpo", "soft")]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]

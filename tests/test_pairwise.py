@@ -2,28 +2,40 @@
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 import dpo_pairwise
 import reward_model
 from common.batch import pad
-from common.model import load_causal_lm, load_reward_model, load_tokenizer, response_logps, reward_scores, shared_prompt_logps
+from common.model import (
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    response_logps,
+    reward_scores,
+    shared_prompt_logps,
+)
 from conftest import read_metrics, run_script
 
 T = torch.tensor
 
 
-def dpo_args(**overrides):
-    return SimpleNamespace(**{"beta": 0.5, "loss_type": "sigmoid", "label_smoothing": 0.0, "reference_free": False, **overrides})
-
-
-def dpo(logps1, logps2, ref1, ref2, reward1=1.0, reward2=0.0, weight=1.0, lengths=(1.0, 1.0), **args):
-    losses, chosen_rewards, rejected_rewards, _, _ = dpo_pairwise.preference_loss(
-        T([logps1]), T([logps2]), T([ref1]), T([ref2]), T([lengths[0]]), T([lengths[1]]), T([reward1]), T([reward2]), T([weight]), dpo_args(**args))
+def dpo(logps1, logps2, ref1, ref2, reward1=1.0, reward2=0.0, beta=0.5, loss_type="sigmoid", label_smoothing=0.0):
+    """One pair through the loop's lines: orient by the rewards, then dpo_loss. (loss, chosen and rejected reward)"""
+    batch = {"generation1_reward": T([reward1]), "generation2_reward": T([reward2])}
+    policy_chosen_logps, policy_rejected_logps = dpo_pairwise.chosen_rejected(T([[logps1, logps2]]), batch)
+    reference_chosen_logps, reference_rejected_logps = dpo_pairwise.chosen_rejected(T([[ref1, ref2]]), batch)
+    logits = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)
+    losses = dpo_pairwise.dpo_loss(logits, beta, loss_type, label_smoothing)
+    chosen_rewards, rejected_rewards = (
+        beta * (policy_chosen_logps - reference_chosen_logps),
+        beta * (policy_rejected_logps - reference_rejected_logps),
+    )
     return losses.item(), chosen_rewards.item(), rejected_rewards.item()
 
 
@@ -44,21 +56,31 @@ def test_dpo_by_hand():
     assert dpo(-1.0, -3.0, -2.0, -2.0, reward1=0.0, reward2=1.0)[0] == pytest.approx(1.3132617)
 
 
-def test_conservative_dpo_weights_and_reference_free():
-    """label smoothing 0.1: 0.9 * log(1 + e^-1) + 0.1 * log(1 + e^1) = 0.4132617."""
+def test_conservative_dpo():
+    """label smoothing 0.1: 0.9 * log(1 + e^-1) + 0.1 * log(1 + e^1) = 0.4132617; a per-pair tensor of smoothing
+    (soft labels) gives each pair its own: 0 -> 0.3132617, 0.5 -> (log(1 + e^-1) + log(1 + e^1)) / 2 = 0.8132617."""
     assert dpo(-1.0, -3.0, -2.0, -2.0, label_smoothing=0.1)[0] == pytest.approx(0.4132617)
-    assert dpo(-1.0, -3.0, -2.0, -2.0, weight=2.0)[0] == pytest.approx(2 * 0.3132617)
-    assert dpo(-1.0, -3.0, -2.0, -2.0, weight=0.0)[0] == 0.0
-    # reference-free: ref_logratios = 0 whatever the reference says; logits = 2 again
-    assert dpo(-1.0, -3.0, -9.0, 0.0, reference_free=True)[0] == pytest.approx(0.3132617)
+    losses = dpo_pairwise.dpo_loss(T([2.0, 2.0]), 0.5, "sigmoid", T([0.0, 0.5]))
+    assert losses.tolist() == pytest.approx([0.3132617, 0.8132617])
 
 
 def test_ipo_by_hand():
     """IPO on per-token means: policy -4/2 = -2 and -6/3 = -2, reference -2/2 = -1 and -9/3 = -3;
     logits = (-2 + 2) - (-1 + 3) = -2; beta 0.25: loss = (-2 - 1/(2 * 0.25))^2 = (-4)^2 = 16."""
-    assert dpo(-4.0, -6.0, -2.0, -9.0, lengths=(2.0, 3.0), loss_type="ipo", beta=0.25)[0] == pytest.approx(16.0)
+    lengths = dpo_pairwise.pair_lengths(
+        {"generation1_response_mask": T([[1, 1, 0]]), "generation2_response_mask": T([[1, 1, 1]])}
+    )
+    assert lengths.tolist() == [[2, 3]]
+    policy, reference = T([[-4.0, -6.0]]) / lengths, T([[-2.0, -9.0]]) / lengths
+    assert dpo(*policy[0].tolist(), *reference[0].tolist(), loss_type="ipo", beta=0.25)[0] == pytest.approx(16.0)
     # at its optimum, logits = 1/(2 beta) = 0.5, the loss is 0
     assert dpo(0.25, -0.25, 0.0, 0.0, loss_type="ipo", beta=1.0)[0] == pytest.approx(0.0)
+
+
+def test_online_label_rule():
+    """label_pair: a clear or graded verdict orients the pair; a tie or a failure drops it (departure 3)."""
+    assert dpo_pairwise.label_pair(1.0) == (1.0, 0.0) and dpo_pairwise.label_pair(0.2) == (0.0, 1.0)
+    assert dpo_pairwise.label_pair(0.5) is None and dpo_pairwise.label_pair(None) is None
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -68,17 +90,21 @@ def test_shared_prompt_logps_equal_one_forward_per_sequence(checkpointing):
     tok = load_tokenizer("toy")
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(4, len(tok), (n,), generator=generator).tolist() for n in (3, 7, 5)]
-    responses = [torch.randint(4, len(tok), (n,), generator=generator).tolist() for n in (4, 6, 1, 9, 3, 2)]  # prompt i: rows 2i, 2i+1
+    responses = [
+        torch.randint(4, len(tok), (n,), generator=generator).tolist() for n in (4, 6, 1, 9, 3, 2)
+    ]  # prompt i: rows 2i, 2i+1
     results = []
     for shared in (True, False):
         model = load_causal_lm("toy", tok, torch.device("cpu"), gradient_checkpointing=checkpointing)
         if shared:
-            logps = shared_prompt_logps(model, *pad(prompts, tok.pad_token_id, left=True), *pad(responses, tok.pad_token_id)).sum(-1)
+            logps = shared_prompt_logps(
+                model, *pad(prompts, tok.pad_token_id, left=True), *pad(responses, tok.pad_token_id)
+            ).sum(-1)
         else:
             ids, mask = pad([prompts[i // 2] + r for i, r in enumerate(responses)], tok.pad_token_id)
             response_mask = torch.zeros_like(ids, dtype=torch.bool)
             for i, r in enumerate(responses):
-                response_mask[i, len(prompts[i // 2]): len(prompts[i // 2]) + len(r)] = True
+                response_mask[i, len(prompts[i // 2]) : len(prompts[i // 2]) + len(r)] = True
             logps = response_logps(model, ids, mask, response_mask)[0].sum(-1)
         (logps * torch.arange(1.0, 7.0)).sum().backward()
         results.append((logps.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
@@ -87,22 +113,58 @@ def test_shared_prompt_logps_equal_one_forward_per_sequence(checkpointing):
     assert logps.abs().min() > 0  # every response has log-probs (none was masked away)
 
 
-def test_bradley_terry_by_hand():
-    """r = (2, 0): -log sigmoid(2) = log(1 + e^-2) = 0.1269280; either orientation; weight 3 triples it."""
-    losses, margins, _, _ = reward_model.bradley_terry_loss(T([2.0, 0.0]), T([0.0, 2.0]), T([1.0, 0.0]), T([0.0, 1.0]), T([1.0, 3.0]))
-    assert losses.tolist() == pytest.approx([0.1269280, 3 * 0.1269280]) and margins.tolist() == [2.0, 2.0]
-    assert reward_model.bradley_terry_loss(T([0.0]), T([0.0]), T([1.0]), T([0.0]), T([1.0]))[0].item() == pytest.approx(math.log(2))
+def test_reward_model_orients_pairs():
+    """rewards (2, 0) and (0, 2) with the second pair's generation2 preferred: chosen 2, rejected 0 in both, so the
+    Bradley-Terry loss -log sigmoid(2) = log(1 + e^-2) = 0.1269280 in both; equal rewards give log 2."""
+    batch = {"generation1_reward": T([1.0, 0.0]), "generation2_reward": T([0.0, 1.0])}
+    chosen_rewards, rejected_rewards = reward_model.chosen_rejected(T([[2.0, 0.0], [0.0, 2.0]]), batch)
+    assert chosen_rewards.tolist() == [2.0, 2.0] and rejected_rewards.tolist() == [0.0, 0.0]
+    assert (-F.logsigmoid(chosen_rewards - rejected_rewards)).tolist() == pytest.approx([0.1269280] * 2)
+    assert -F.logsigmoid(T(0.0)).item() == pytest.approx(math.log(2))
 
 
-FAST = ["--max_steps", "6", "--log_every", "1", "--eval_every", "1000", "--warmup_steps", "1", "--num_eval_pairs", "32"]
+FAST = [
+    "--max_steps",
+    "6",
+    "--log_every",
+    "1",
+    "--eval_every",
+    "1000",
+    "--warmup_steps",
+    "1",
+    "--num_eval_examples",
+    "32",
+]
 
 
 @pytest.mark.parametrize("script, extra", [("dpo_pairwise.py", ["--num_eval_prompts", "16"]), ("reward_model.py", [])])
-def test_two_processes_give_the_same_losses(tmp_path, script, extra):
-    run_script(script, *FAST, *extra, "--per_device_batch_size", "16", "--output_dir", str(tmp_path / "one"))
+def test_accumulation_and_two_processes_match_one_full_batch(tmp_path, script, extra):
+    """A global batch of 16 pairs as 16 x 1 accumulation, 8 x 2 accumulation, and 2 processes x 8: the losses are
+    normalised by the global pair count, so all three give the same losses and the same final weights."""
+    run_script(script, *FAST, *extra, "--per_device_batch_size", "16", "--output_dir", str(tmp_path / "full"))
+    run_script(
+        script,
+        *FAST,
+        *extra,
+        "--per_device_batch_size",
+        "8",
+        "--gradient_accumulation_steps",
+        "2",
+        "--output_dir",
+        str(tmp_path / "accum"),
+    )
     run_script(script, *FAST, *extra, "--per_device_batch_size", "8", "--output_dir", str(tmp_path / "two"), nproc=2)
-    one, two = ([m["train/loss"] for m in read_metrics(tmp_path / d) if "train/loss" in m] for d in ("one", "two"))
-    assert len(one) == 6 and max(abs(a - b) for a, b in zip(one, two)) < 1e-5
+    full, accum, two = (
+        [m["train/loss"] for m in read_metrics(tmp_path / d) if "train/loss" in m] for d in ("full", "accum", "two")
+    )
+    assert (
+        len(full) == 6
+        and max(abs(a - b) for a, b in zip(full, accum)) < 1e-5
+        and max(abs(a - b) for a, b in zip(full, two)) < 1e-5
+    )
+    weights = [load_file(tmp_path / d / "model.safetensors") for d in ("full", "accum", "two")]
+    for name, w in weights[0].items():
+        assert torch.allclose(w, weights[1][name], atol=1e-5) and torch.allclose(w, weights[2][name], atol=1e-5), name
 
 
 def test_dpo_raises_reward_over_sft(sft_model, tmp_path):
@@ -114,14 +176,24 @@ def test_dpo_raises_reward_over_sft(sft_model, tmp_path):
     assert metrics[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 0
     assert rewards[-1] >= rewards[0] + 0.05
     assert metrics[-1]["eval/rewards/accuracies"] > 0.9
-    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
-            "train/tokens_per_s"} <= set().union(*metrics)
+    assert len({m["step"] for m in metrics}) == len(metrics)  # one object per logged step
+    assert {
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "train/tokens_per_s",
+    } <= set().union(*metrics)
 
 
 def test_reward_model_learns_and_is_centred(sft_model, tmp_path):
-    run_script("reward_model.py", "--model_name_or_path", str(sft_model), "--max_steps", "60", "--output_dir", str(tmp_path))
+    run_script(
+        "reward_model.py", "--model_name_or_path", str(sft_model), "--max_steps", "60", "--output_dir", str(tmp_path)
+    )
     metrics = read_metrics(tmp_path)
-    assert [m["eval/accuracy"] for m in metrics if "eval/accuracy" in m][-1] >= 0.95
+    assert [m["eval/rewards/accuracies"] for m in metrics if "eval/rewards/accuracies" in m][-1] >= 0.95
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path)
     assert model.config.architectures == ["LlamaForSequenceClassification"]
     mean = json.load(open(tmp_path / "config.json"))["reward_mean"]
@@ -129,7 +201,11 @@ def test_reward_model_learns_and_is_centred(sft_model, tmp_path):
     rm = load_reward_model(str(tmp_path), tok, torch.device("cpu"))
     scores = reward_scores(rm, tok, ["dcba=", "dcba=", "xqmf="], ["abcd", "bacd", "fmqx"])
     assert scores[0] > scores[1]  # sorted > one swap (held-out accuracy says the RM ranks such pairs right)
-    raw = rm(input_ids=T([tok("dcba=")["input_ids"] + tok("abcd", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])).logits[0, 0]
+    raw = rm(
+        input_ids=T(
+            [tok("dcba=")["input_ids"] + tok("abcd", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+        )
+    ).logits[0, 0]
     assert scores[0].item() == pytest.approx(raw.item() - mean, abs=1e-5)  # centred by the recorded mean
 
 

@@ -11,9 +11,18 @@ from conftest import read_metrics, run_script
 
 def pair_row(weight=1.0, **extra):
     """A pairwise row as common.batch builds it; `extra` adds or replaces fields (e.g. preference=0.75)."""
-    return {"prompt": "dbca=", "prompt_ids": [1, 2, 3],
-           "generation1_response_only": "abcd", "generation1_response_ids": [4, 5], "generation1_reward": 1.0, "generation1_weight": weight,
-           "generation2_response_only": "abdc", "generation2_response_ids": [4, 6], "generation2_reward": 0.0, "generation2_weight": weight} | extra
+    return {
+        "prompt": "dbca=",
+        "prompt_ids": [1, 2, 3],
+        "generation1_response_only": "abcd",
+        "generation1_response_ids": [4, 5],
+        "generation1_reward": 1.0,
+        "generation1_weight": weight,
+        "generation2_response_only": "abdc",
+        "generation2_response_ids": [4, 6],
+        "generation2_reward": 0.0,
+        "generation2_weight": weight,
+    } | extra
 
 
 def weights(rows):
@@ -23,7 +32,10 @@ def weights(rows):
 def test_confidence_factors_multiply_the_data_weights():
     """factor = |2p - 1|: p = 1.0 -> 1, 0.0 -> 1, 0.75 -> 0.5, 0.5 -> 0. The last row has a dataset weight of 0.5,
     so its weights become 0.5 * |2 * 0.75 - 1| = 0.25. A failed verdict (None) gets factor 0."""
-    rows = [pair_row(preference=p) for p in (1.0, 0.0, 0.75, 0.5)] + [pair_row(0.5, preference=0.75), pair_row(preference=None)]
+    rows = [pair_row(preference=p) for p in (1.0, 0.0, 0.75, 0.5)] + [
+        pair_row(0.5, preference=0.75),
+        pair_row(preference=None),
+    ]
     before = copy.deepcopy(rows)
     reweighter = make_reweighter("confidence")
     out = reweighter(rows)
@@ -33,17 +45,21 @@ def test_confidence_factors_multiply_the_data_weights():
     assert {k for r in out for k in r} == {k for r in rows for k in r}
     # stats: 6 rows, factors sum to 1 + 1 + 0.5 + 0 + 0.5 + 0 = 3, two rows with factor 0
     assert reweighter.stats == {"rows": 6, "factor_sum": 3.0, "zero_factor": 2}
-    assert reweighter.metrics() == {"reweight/mean_factor": 0.5, "reweight/zero_fraction": pytest.approx(2 / 6)}
-    assert not reweighter.stats  # cleared by metrics()
-    assert reweighter.metrics() == {"reweight/mean_factor": 0.0, "reweight/zero_fraction": 0.0}  # nothing since: no division by 0
+    metrics = reweighter.metrics(reweighter.stats)
+    assert metrics == {"reweight/mean_factor": 0.5, "reweight/zero_fraction": pytest.approx(2 / 6)}
+    assert reweighter.metrics(reweighter.stats) == metrics  # reading the stats does not change them
+    reweighter(rows[:1])  # the stats describe the latest call (one step) only
+    assert reweighter.stats == {"rows": 1, "factor_sum": 1.0, "zero_factor": 0}
+    assert reweighter.metrics({}) == {"reweight/mean_factor": 0.0, "reweight/zero_fraction": 0.0}  # no division by 0
 
 
 def test_metrics_from_counts_summed_over_processes():
-    """Two processes' stats, summed by the caller: 10 rows, factors summing to 4, 3 zeros -> mean 0.4, zero fraction 0.3."""
+    """Two processes' stats, summed by the caller: 10 rows, factors summing to 4, 3 zeros -> mean 0.4, zero
+    fraction 0.3."""
     reweighter = make_reweighter("confidence")
     reweighter([pair_row(preference=1.0)])
-    assert reweighter.metrics({"rows": 10, "factor_sum": 4.0, "zero_factor": 3}) == {"reweight/mean_factor": 0.4, "reweight/zero_fraction": 0.3}
-    assert not reweighter.stats
+    totals = {"rows": 10, "factor_sum": 4.0, "zero_factor": 3}
+    assert reweighter.metrics(totals) == {"reweight/mean_factor": 0.4, "reweight/zero_fraction": 0.3}
 
 
 def test_confidence_needs_online_pairwise_rows():
@@ -73,7 +89,8 @@ def weights_module(tmp_path, monkeypatch):
         "def negative(rows): return [1.0] * (len(rows) - 1) + [-1.0]\n"
         "def nan(rows): return [float('nan')] * len(rows)\n"
         "def inf(rows): return [float('inf')] * len(rows)\n"
-        "def text(rows): return ['1'] * len(rows)\n")
+        "def text(rows): return ['1'] * len(rows)\n"
+    )
     monkeypatch.chdir(tmp_path)
     return "reweight_test_factors"
 
@@ -86,13 +103,22 @@ def test_python_function(weights_module):
     reweighter = make_reweighter(f"python:{weights_module}:by_length")
     assert weights(reweighter(rows)) == [(2.0, 2.0), (1.0, 1.0)]
     assert rows == before  # the function changed its copies only
-    assert reweighter.metrics() == {"reweight/mean_factor": 3.0, "reweight/zero_fraction": 0.0}
+    assert reweighter.metrics(reweighter.stats) == {"reweight/mean_factor": 3.0, "reweight/zero_fraction": 0.0}
     assert weights(make_reweighter(f"python:{weights_module}:as_tuple")(rows)) == [(0.5, 0.5), (0.125, 0.125)]
 
 
-@pytest.mark.parametrize("function, problem", [
-    ("not_a_list", "got dict"), ("too_short", "got list of length 1"), ("matrix", "got a 2-D tensor"),
-    ("negative", "got -1.0"), ("nan", "got nan"), ("inf", "got inf"), ("text", "got '1'")])
+@pytest.mark.parametrize(
+    "function, problem",
+    [
+        ("not_a_list", "got dict"),
+        ("too_short", "got list of length 1"),
+        ("matrix", "got a 2-D tensor"),
+        ("negative", "got -1.0"),
+        ("nan", "got nan"),
+        ("inf", "got inf"),
+        ("text", "got '1'"),
+    ],
+)
 def test_python_function_bad_returns(weights_module, function, problem):
     with pytest.raises(SystemExit, match="must return one factor per row") as e:
         make_reweighter(f"python:{weights_module}:{function}")([pair_row(), pair_row()])
@@ -112,12 +138,30 @@ def test_scripts_train_on_the_reweighted_examples(tmp_path, script):
     """--reweighter python:...: factors of 0 for every example leave nothing to learn from, so every script's
     loss and gradient are exactly 0; confidence weighting needs --online (a one-line error, before any work)."""
     (tmp_path / "zero_weights.py").write_text("def f(rows):\n    return [0.0] * len(rows)\n")
-    run_script(script, "--reweighter", "python:zero_weights:f", "--max_steps", "3", "--log_every", "1", "--eval_every", "1000",
-               "--output_dir", str(tmp_path / "run"), env={"PYTHONPATH": str(tmp_path)})
+    run_script(
+        script,
+        "--reweighter",
+        "python:zero_weights:f",
+        "--max_steps",
+        "3",
+        "--log_every",
+        "1",
+        "--eval_every",
+        "1000",
+        "--output_dir",
+        str(tmp_path / "run"),
+        env={"PYTHONPATH": str(tmp_path)},
+    )
     metrics = read_metrics(tmp_path / "run")
     logged = [m for m in metrics if "train/loss" in m]
     assert len(logged) == 3 and all(m["train/loss"] == 0.0 and m["train/grad_norm"] == 0.0 for m in logged)
     assert [m["reweight/mean_factor"] for m in metrics if "reweight/mean_factor" in m] == [0.0] * 3
+    # the names every script logs for the same things, and one JSON object per logged step
+    assert {"train/loss", "train/grad_norm", "train/lr", "train/tokens_per_s"} <= set(logged[0])
+    assert script == "sft.py" or {"rewards/accuracies", "rewards/margins"} <= set(logged[0])
+    assert len({m["step"] for m in metrics}) == len(metrics)
     if script == "dpo_pairwise.py":
-        failed = run_script(script, "--reweighter", "confidence", "--output_dir", str(tmp_path / "offline"), check=False)
+        failed = run_script(
+            script, "--reweighter", "confidence", "--output_dir", str(tmp_path / "offline"), check=False
+        )
         assert failed.returncode != 0 and "only --online pairs have" in failed.stderr.strip().splitlines()[-1]

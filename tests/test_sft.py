@@ -15,7 +15,18 @@ from transformers import AutoModelForCausalLM
 from common.model import load_causal_lm, load_tokenizer, response_logps
 from conftest import REPO, read_metrics, run_script
 
-FAST = ["--max_steps", "12", "--log_every", "1", "--warmup_steps", "2", "--eval_every", "1000", "--num_eval_prompts", "32"]
+FAST = [
+    "--max_steps",
+    "12",
+    "--log_every",
+    "1",
+    "--warmup_steps",
+    "2",
+    "--eval_every",
+    "1000",
+    "--num_eval_prompts",
+    "32",
+]
 
 
 class FixedLogits(torch.nn.Module):
@@ -68,7 +79,16 @@ def test_accumulation_and_two_processes_match_one_full_batch(tmp_path):
     """Same global batch of 32, split three ways: (32 x 1 accumulation), (16 x 2), and 2 processes x 16.
     The loss is normalised by the global response-token count, so all three follow the same trajectory."""
     run_script("sft.py", *FAST, "--per_device_batch_size", "32", "--output_dir", str(tmp_path / "full"))
-    run_script("sft.py", *FAST, "--per_device_batch_size", "16", "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "accum"))
+    run_script(
+        "sft.py",
+        *FAST,
+        "--per_device_batch_size",
+        "16",
+        "--gradient_accumulation_steps",
+        "2",
+        "--output_dir",
+        str(tmp_path / "accum"),
+    )
     run_script("sft.py", *FAST, "--per_device_batch_size", "16", "--output_dir", str(tmp_path / "ddp"), nproc=2)
     full, accum, two = losses(tmp_path / "full"), losses(tmp_path / "accum"), losses(tmp_path / "ddp")
     assert len(full) == 12 and full[-1] < full[0] - 0.5  # it trains
@@ -80,12 +100,29 @@ def test_accumulation_and_two_processes_match_one_full_batch(tmp_path):
 
 
 def test_sigkill_then_resume_gives_the_same_weights(tmp_path):
-    args = ["sft.py", "--max_steps", "120", "--save_every", "10", "--log_every", "5", "--eval_every", "40",
-            "--num_eval_prompts", "32", "--per_device_batch_size", "32"]
+    args = [
+        "sft.py",
+        "--max_steps",
+        "120",
+        "--save_every",
+        "10",
+        "--log_every",
+        "5",
+        "--eval_every",
+        "40",
+        "--num_eval_prompts",
+        "32",
+        "--per_device_batch_size",
+        "32",
+    ]
     run_script(*args, "--output_dir", str(tmp_path / "straight"))
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, *args, "--output_dir", str(killed)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, *args, "--output_dir", str(killed)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (killed / "checkpoint-30").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -98,7 +135,11 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path):
     for name, w in straight.items():
         assert torch.equal(w, resumed[name]), name
     assert [m["step"] for m in read_metrics(killed)] == [m["step"] for m in read_metrics(tmp_path / "straight")]
-    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-110", "checkpoint-120", "checkpoint-999.tmp"]
+    assert sorted(p.name for p in killed.glob("checkpoint-*")) == [
+        "checkpoint-110",
+        "checkpoint-120",
+        "checkpoint-999.tmp",
+    ]
 
 
 def test_default_run_learns_to_rho_level(sft_model):
@@ -108,10 +149,13 @@ def test_default_run_learns_to_rho_level(sft_model):
     assert rewards[0] < 0.1 and rewards[-1] > 0.72
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--dataset", "no/such/file.jsonl"], "error: dataset file 'no/such/file.jsonl' does not exist"),
-    (["--model_name_or_path", "./no-such-model"], "error: model './no-such-model' not found"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dataset", "no/such/file.jsonl"], "error: dataset file 'no/such/file.jsonl' does not exist"),
+        (["--model_name_or_path", "./no-such-model"], "error: model './no-such-model' not found"),
+    ],
+)
 def test_bad_paths_fail_in_one_line(flags, message):
     proc = run_script("sft.py", *flags, "--output_dir", "/tmp/unused", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
@@ -127,6 +171,14 @@ def test_columns_matching_no_layout_fail_in_one_line(tmp_path):
 
 
 def test_track_with_wandb_offline(tmp_path):
-    run_script("sft.py", *FAST, "--max_steps", "2", "--track", "--output_dir", str(tmp_path),
-               env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
+    run_script(
+        "sft.py",
+        *FAST,
+        "--max_steps",
+        "2",
+        "--track",
+        "--output_dir",
+        str(tmp_path),
+        env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"},
+    )
     assert list((tmp_path / "wandb").glob("offline-run-*"))
