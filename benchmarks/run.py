@@ -38,6 +38,7 @@ PAIRS = {  # name -> (our script, data file in the work folder, unit, default N1
     "reward_model": ("reward_model.py", "pairwise.jsonl", "pairs", (4, 36)),
     "dpo": ("dpo_pairwise.py", "pairwise.jsonl", "pairs", (4, 36)),
     "online_dpo": ("dpo_pairwise.py", "pairwise.jsonl", "pairs", (2, 10)),  # prompts only; ~3 s a step
+    "kto": ("kto_pointwise.py", "pointwise.jsonl", "examples", (4, 36)),
 }
 
 
@@ -67,7 +68,7 @@ def commands(
         "--max_length",
         str(workload.MAX_LENGTH),
     ]
-    if pair in ("dpo", "online_dpo"):
+    if pair in ("dpo", "online_dpo", "kto"):
         shared += ["--beta", "0.1"]
     if pair == "online_dpo":
         shared += [
@@ -177,6 +178,8 @@ def main():
         workload.build(args.work)
     if not (args.work / "rm" / "model.safetensors").exists():  # a workload built before online_dpo
         workload.build_reward_model(args.work)
+    if not (args.work / "pointwise.jsonl").exists():  # a workload built before kto
+        workload.build_pointwise(args.work)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
     subprocess.run(
         [sys.executable, "-c", "import trl.trainer"], env=env, check=True

@@ -5,9 +5,10 @@
 The flags are our scripts' names for the same things. TRL gets its defaults except where they would make the
 two sides do different work: fp32 (TRL defaults to bf16), no gradient checkpointing (TRL defaults to on, ours
 to off), our seed and learning-rate schedule (20 warmup steps, then cosine), no checkpoints, no logging
-until the end. The model is given as the folder, as in a normal TRL run, so TRL loads it: a causal LM for SFT
-and DPO (DPO loads a second copy as the reference and runs it every step: precompute_ref_log_probs=False is
-TRL's default), a sequence-classification head (num_labels=1, random init) on the same LM for the reward model.
+until the end. The model is given as the folder, as in a normal TRL run, so TRL loads it: a causal LM for SFT,
+DPO and KTO (DPO and KTO load a second copy as the reference and run it every step: precompute_ref_log_probs=False
+is TRL's default), a sequence-classification head (num_labels=1, random init) on the same LM for the reward model.
+KTO reads the pairs unpaired (pointwise.jsonl: prompt, completion, label).
 
 online_dpo is TRL's experimental OnlineDPOTrainer on the prompts of the pairwise file, sampling with transformers'
 `generate` (not vLLM) and scored by the reward model given as `--annotator reward_model:PATH` (our flag). Its
@@ -22,12 +23,13 @@ import time
 
 from datasets import load_dataset
 from transformers import AutoTokenizer
-from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
 TRAINERS = {
     "sft": (SFTConfig, SFTTrainer),
     "reward_model": (RewardConfig, RewardTrainer),
     "dpo": (DPOConfig, DPOTrainer),
+    "kto": (KTOConfig, KTOTrainer),
 }
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -67,6 +69,7 @@ method = {
     "sft": {"completion_only_loss": True},
     "reward_model": {},
     "dpo": {"beta": args.beta, "loss_type": ["sigmoid"]},
+    "kto": {"beta": args.beta},  # desirable_weight = undesirable_weight = 1, TRL's defaults and ours
     "online_dpo": {
         "beta": args.beta,
         "loss_type": "sigmoid",

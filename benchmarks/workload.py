@@ -6,6 +6,7 @@
     pairwise.jsonl   512 HH pairs: prompt (the dialogue up to and including the last "\\n\\nAssistant:"), chosen,
                      rejected
     sft.jsonl        the same 512 as prompt, completion (= chosen)
+    pointwise.jsonl  the same 512 pairs unpaired: prompt, completion, label (chosen true, rejected false), 1024 rows
     rm/              the online annotator of the online_dpo pair: the same Llama and tokenizer with a one-output
         sequence-classification head (LlamaForSequenceClassification, num_labels=1), random init with seed 1,
         so its rewards are continuous and two samples practically never tie
@@ -107,6 +108,15 @@ def select_pairs(rows: list[dict], tokenizer) -> list[dict]:
     raise SystemExit(f"only {len(pairs)} of {len(rows)} rows fit in {MAX_LENGTH} tokens; need {NUM_PAIRS}")
 
 
+def build_pointwise(out: Path = WORK):
+    """out/pointwise.jsonl: each pair of pairwise.jsonl as two labelled examples (KTO's unpaired form)."""
+    pairs = [json.loads(line) for line in open(out / "pairwise.jsonl")]
+    write_jsonl(
+        out / "pointwise.jsonl",
+        [dict(prompt=p["prompt"], completion=p[k], label=k == "chosen") for p in pairs for k in ("chosen", "rejected")],
+    )
+
+
 def write_jsonl(path: Path, rows: list[dict]):
     with open(path, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -123,6 +133,7 @@ def build(out: Path = WORK, data: Path = DATA):
     write_jsonl(out / "sft.jsonl", [dict(prompt=p["prompt"], completion=p["chosen"]) for p in pairs])
     build_reward_model(out)
     write_jsonl(out / "pairwise.jsonl", pairs)  # written last: its presence means the folder is complete
+    build_pointwise(out)
     print(
         f"workload in {out}: {model.num_parameters() / 1e6:.2f}M-parameter Llama, {len(tokenizer)}-token BPE, "
         f"{len(pairs)} pairs (max_length {MAX_LENGTH}, max_prompt_length {MAX_PROMPT_LENGTH})"

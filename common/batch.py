@@ -16,6 +16,8 @@ and fields of our own, for the losses:
                                                       once for all its generations (common.model.shared_prompt_logps)
   generation1_reference_logps             (B,) float  sum of the response's log-probs under the reference
                                                       (only where precomputed: common/model.add_reference_logps)
+  position                                (B,) long   where each example sits in the step: offline its position
+                                                      in the data stream, online a number unique within the step
   preference                              (B,) float  online pairs: the annotator's probability that generation1
                                                       is better (1.0, 0.0, 0.5 a tie, or in between; NaN where
                                                       the annotation failed), whatever the script made of it
@@ -152,6 +154,8 @@ def collate(rows: list[dict], pad_token_id: int) -> dict:
         batch[f"{g}_weight"] = torch.tensor([r[f"{g}_weight"] for r in rows], dtype=torch.float)
         if f"{g}_reference_logps" in rows[0]:
             batch[f"{g}_reference_logps"] = torch.tensor([r[f"{g}_reference_logps"] for r in rows], dtype=torch.float)
+    if "position" in rows[0]:
+        batch["position"] = torch.tensor([r["position"] for r in rows])
     if "preference" in rows[0]:
         batch["preference"] = torch.tensor([math.nan if r["preference"] is None else r["preference"] for r in rows])
     return batch
@@ -218,11 +222,15 @@ class BatchFactory:
         ]
 
     def next_rows(self) -> list[dict]:
-        """This process's rows of the next step, in stream order."""
+        """This process's rows of the next step, in stream order, each with its `position` in the stream."""
         share = self.micro_batch_size * self.gradient_accumulation_steps
         start = self.step * share * self.world_size + self.rank * share
         self.step += 1
-        return [self.rows[self.index(start + i)] for i in range(share)]
+        return [self.row_at(start + i) for i in range(share)]
+
+    def row_at(self, position: int) -> dict:
+        """The row at a position of the stream (a copy: the rows themselves are served again every epoch)."""
+        return {**self.rows[self.index(position)], "position": position}
 
     def rows_until(self, max_steps: int) -> list[dict]:
         """Every row that steps [0, max_steps) will serve, on any process (e.g. to precompute something for them)."""
@@ -278,8 +286,9 @@ class OnlineBatchFactory:
     are not enough (a policy so sure of itself that its samples tie), the step is filled with dropped examples at
     weight 0: they contribute nothing to the loss, and are counted as online/padded. A step on which no process kept
     anything is reported; max_untrainable_steps of them in a row stop the run, as does a step on which the annotator
-    failed on every example. Samples come from the policy as it is at this step (on-policy); extra kept examples are
-    discarded.
+    failed on every example (a round on which it failed on every example ends the rounds: a judge that is down or
+    past its deadline costs one round, not max_rounds). Samples come from the policy as it is at this step
+    (on-policy); extra kept examples are discarded.
 
     Sampling draws from a generator of this process's own, seeded with (seed, rank), so processes sample differently;
     its state is part of `state_dict()` with the prompt stream's position, so a resumed run samples what an
@@ -311,9 +320,8 @@ class OnlineBatchFactory:
             fail(f"OnlineBatchFactory samples 1 (scored) or 2 (compared) responses per prompt, not {num_generations}")
         rows = tokenize_records(prompt_records, tokenizer, max_prompt_length + 1, max_prompt_length)
         for row, record in zip(rows, prompt_records):
-            row["raw_prompt"] = record[
-                "prompt"
-            ]  # the annotator gets the prompt as the data has it, not as our template renders it
+            # the annotator gets the prompt as the data has it, not as our template renders it
+            row["raw_prompt"] = record["prompt"]
         self.prompts = BatchFactory(
             rows,
             pad_token_id=tokenizer.pad_token_id,
@@ -325,11 +333,8 @@ class OnlineBatchFactory:
         self.tokenizer, self.policy, self.annotator, self.label = tokenizer, policy, annotator, label
         self.num_generations, self.generation, self.reweighter = num_generations, generation, reweighter
         self.micro_batch_size, self.examples_per_step = micro_batch_size, micro_batch_size * gradient_accumulation_steps
-        self.sample_reward, self.max_rounds, self.max_untrainable_steps = (
-            sample_reward,
-            max_rounds,
-            max_untrainable_steps,
-        )
+        self.sample_reward, self.max_rounds = sample_reward, max_rounds
+        self.max_untrainable_steps = max_untrainable_steps
         self.device = next(policy.parameters()).device
         # (seed, rank) -> this process's sampling stream; a single process draws what rank 0 of a torchrun draws
         self.generator = torch.Generator(self.device).manual_seed(seed * 1000 + dist.get_rank())
@@ -339,16 +344,19 @@ class OnlineBatchFactory:
         self.stats, annotator_before = Counter(), Counter(self.annotator.stats)
         kept, dropped = [], []
         for _ in range(self.max_rounds):
-            missing = all_reduce(
-                self.examples_per_step - len(kept), op=dist.ReduceOp.MAX
-            ).item()  # same rounds everywhere
+            # every process takes the same rounds: the largest shortfall decides
+            missing = all_reduce(self.examples_per_step - len(kept), op=dist.ReduceOp.MAX).item()
             if missing <= 0:
                 break
             num_prompts = min(math.ceil(missing / max(self.keep_rate, 0.1)), 4 * self.examples_per_step)
+            failed_before = self.stats["failed"]
             rows = self.sample(num_prompts)
             rows_kept = [row for row in rows if row["kept"]]
             self.keep_rate = 0.5 * self.keep_rate + 0.5 * len(rows_kept) / num_prompts
             kept, dropped = kept + rows_kept, dropped + [row for row in rows if not row["kept"]]
+            # an annotator that failed on every example of a round (down, or past its deadline) is not asked again
+            if all_reduce(self.stats["failed"] - failed_before == num_prompts).item() == dist.get_world_size():
+                break
         annotator_counts = Counter(self.annotator.stats)
         annotator_counts.subtract(annotator_before)
         self.stats.update({f"annotator/{key}": count for key, count in annotator_counts.items()})
@@ -381,6 +389,7 @@ class OnlineBatchFactory:
                 for row in dropped[: self.examples_per_step - len(kept)]
             ]
         kept = sorted(kept, key=row_length)  # grouped by length: less padding
+        kept = [{**row, "position": dist.get_rank() * self.examples_per_step + i} for i, row in enumerate(kept)]
         return [
             collate(kept[k : k + self.micro_batch_size], self.tokenizer.pad_token_id)
             for k in range(0, self.examples_per_step, self.micro_batch_size)

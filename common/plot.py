@@ -4,9 +4,9 @@
     python -m common.plot runs/a runs/b --metrics rewards/margins --labels offline online --title "toy DPO"
 
 Each RUN_DIR is a run's --output_dir: metrics.jsonl holds one JSON object per logged step, each with
-"step" (eval/* only on eval steps). The x axis is the step; `--x time` uses a "time" key instead, when the
-runs log one (the scripts log none by default), and fails otherwise. A run that does not log a metric is
-left out of that subplot, with a printed note. Legend labels are --labels, else the run folders' names
+"step" and "time" (wall seconds of training so far; eval/* only on eval steps). The x axis is the step, or
+the time with `--x time` (a run logged before the scripts wrote "time" fails in one line). A run that does not
+log a metric is left out of that subplot, with a printed note. Legend labels are --labels, else the run folders' names
 (their args.json exp_name when the folder names collide, the paths as given when those collide too).
 
 matplotlib is an optional dependency (`pip install matplotlib`), imported only to draw.
@@ -101,7 +101,7 @@ def plot(run_dirs, metrics, out, labels=None, x="step", title=None, dpi=120):
                 legend.setdefault(label, line)
             if skipped:
                 print(f"note: {metric}: skipped {len(skipped)} run(s) that do not log it: {', '.join(skipped)}")
-            ax.set(title=metric, xlabel=x, ylabel=metric)
+            ax.set(title=metric, xlabel="wall time (s)" if x == "time" else "step", ylabel=metric)
             ax.grid(alpha=0.3)
         for ax in axes.flat[len(metrics) :]:
             ax.set_visible(False)

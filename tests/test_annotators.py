@@ -313,3 +313,19 @@ def test_http_judge_position_bias_and_unreachable(judge_server, judge_env, capsy
     )
     with pytest.raises(SystemExit, match="--judge.model"):
         make_annotator(url, CPU)
+
+
+def test_http_judge_deadline_bounds_a_judge_that_never_answers(judge_server, judge_env, capsys):
+    """A server that accepts the connection and answers after 5 s, with --judge.timeout 30: without a deadline one
+    call would wait 5 s per question; with --judge.deadline 1 it returns after about 1 s, every question failed and
+    counted under `deadline`, while an answering server's questions are unaffected."""
+    slow, _ = judge_server(lambda question, n: (200, "1", 5.0))
+    annotator = make_annotator(slow, CPU, JudgeArgs(model="m", timeout=30.0, deadline=1.0, template=PAIR_TEMPLATE))
+    start = time.perf_counter()
+    assert annotator.prefer(["p"] * 3, ["a", "b", "c"], ["x", "y", "z"]) == [None, None, None]
+    assert time.perf_counter() - start < 3
+    assert annotator.stats["deadline"] == 6 and annotator.stats["failed"] == 3  # 3 pairs, both orders
+    assert "6 of 6 questions unanswered within --judge.deadline 1.0 s" in capsys.readouterr().out
+    fast, _ = judge_server(longer_is_better)
+    annotator = make_annotator(fast, CPU, JudgeArgs(model="m", deadline=5.0, template=PAIR_TEMPLATE))
+    assert annotator.prefer(["p"], ["long one"], ["short"]) == [1.0] and annotator.stats["deadline"] == 0

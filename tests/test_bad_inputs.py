@@ -198,4 +198,4 @@ def test_an_annotator_that_never_returns_stops_the_run(tmp_path, sft_model, anno
         timeout=120,
     )
     assert "the annotator failed on every example of a step" in last_line(proc) and "'deadline'" in last_line(proc)
-    assert "did not return within --judge.deadline 1.0 s" in proc.stdout
+    assert proc.stdout.count("did not return within --judge.deadline 1.0 s") == 1  # one deadline, then it stops

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import REPO
 
-SCRIPTS = ["sft.py", "reward_model.py", "dpo_pairwise.py"]
+SCRIPTS = ["sft.py", "reward_model.py", "dpo_pairwise.py", "kto_pointwise.py"]
 PER_SCRIPT_DEFAULT = {  # flags whose default is the script's own; the help still agrees
     "exp_name": "names the run after the script",
     "output_dir": "runs/<script>",
@@ -16,7 +16,12 @@ PER_SCRIPT_DEFAULT = {  # flags whose default is the script's own; the help stil
     "warmup_steps": "tuned per method on the toy task",
     "eval_every": "a few evaluations per default run",
 }
-PER_SCRIPT = {"learning_rate": "dpo_pairwise.py's default depends on --online, so its type and help differ"}
+PER_SCRIPT = {
+    "learning_rate": "the pointwise and pairwise scripts' defaults depend on --online, so the type and help differ",
+    "beta": "each method's beta",
+    "precompute_ref_logps": "what is precomputed differs (pairs; examples and their mismatched pairs)",
+    "online": "pairs or single responses",
+}
 
 
 def args_fields(script: str) -> dict[str, tuple[str, str, str]]:

@@ -68,6 +68,8 @@ def test_smoke_saves_a_loadable_model(tmp_path):
     metrics = read_metrics(tmp_path)
     assert {"train/loss", "train/lr", "train/tokens_per_s", "train/grad_norm"} <= set(metrics[-2]) | set(metrics[-1])
     assert [m["step"] for m in metrics if "eval/reward" in m] == [0, 3]  # start and end
+    assert [m["step"] for m in metrics if "eval/loss" in m] == [0, 3]  # held-out NLL of the toy test split
+    assert len({m["step"] for m in metrics}) == len(metrics)  # one object per logged step
     assert (tmp_path / "args.json").exists()
 
 
@@ -182,3 +184,29 @@ def test_track_with_wandb_offline(tmp_path):
         env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"},
     )
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_held_out_loss_on_a_local_file(tmp_path, hh_path):
+    """Any dataset with held-out data gets eval/loss, the held-out NLL per response token: here HH rows from a local
+    file (the toy character tokenizer reads them), with --eval_dataset; a local file alone has no held-out split."""
+    args = [
+        "sft.py",
+        *FAST,
+        "--max_steps",
+        "2",
+        "--dataset",
+        str(hh_path),
+        "--max_length",
+        "256",
+        "--max_prompt_length",
+        "128",
+        "--per_device_batch_size",
+        "4",
+        "--num_eval_examples",
+        "8",
+    ]
+    run_script(*args, "--eval_dataset", str(hh_path), "--output_dir", str(tmp_path / "with"))
+    losses = [m["eval/loss"] for m in read_metrics(tmp_path / "with") if "eval/loss" in m]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+    proc = run_script(*args, "--output_dir", str(tmp_path / "without"))
+    assert not any("eval/loss" in m for m in read_metrics(tmp_path / "without")) and "no evaluation" in proc.stdout
