@@ -39,6 +39,7 @@ PAIRS = {  # name -> (our script, data file in the work folder, unit, default N1
     "dpo": ("dpo_pairwise.py", "pairwise.jsonl", "pairs", (4, 36)),
     "online_dpo": ("dpo_pairwise.py", "pairwise.jsonl", "pairs", (2, 10)),  # prompts only; ~3 s a step
     "kto": ("kto_pointwise.py", "pointwise.jsonl", "examples", (4, 36)),
+    "online_kto": ("kto_pointwise.py", "pairwise.jsonl", "examples", (2, 10)),  # prompts only; no TRL counterpart
 }
 
 
@@ -68,9 +69,9 @@ def commands(
         "--max_length",
         str(workload.MAX_LENGTH),
     ]
-    if pair in ("dpo", "online_dpo", "kto"):
+    if pair in ("dpo", "online_dpo", "kto", "online_kto"):
         shared += ["--beta", "0.1"]
-    if pair == "online_dpo":
+    if pair in ("online_dpo", "online_kto"):
         shared += [
             "--annotator",
             f"reward_model:{work / 'rm'}",
@@ -84,7 +85,7 @@ def commands(
             sys.executable,
             script,
             *shared,
-            *(["--online"] if pair == "online_dpo" else []),
+            *(["--online"] if pair.startswith("online") else []),
             "--max_prompt_length",
             str(workload.MAX_PROMPT_LENGTH),
             "--log_every",
@@ -198,8 +199,9 @@ def main():
             print(f"{pair}: skipped: {script} not present yet")
             continue
         rates, cpu_rates, peaks, generated = ({"ours": [], "TRL": []} for _ in range(4))
+        sides = ("ours",) if pair == "online_kto" else ("ours", "TRL")  # TRL has no online KTO
         for repeat in range(args.repeats):
-            for side in ("ours", "TRL"):
+            for side in sides:
                 (wall1, cpu1, peak1, _), (wall2, cpu2, peak2, generation) = (
                     run_once(args, env, pair, side, steps, repeat) for steps in (n1, n2)
                 )
@@ -219,6 +221,10 @@ def main():
                         f"    generation ({n2} steps): " + ", ".join(f"{k} {v:.3f}" for k, v in generation.items()),
                         flush=True,
                     )
+        if len(sides) == 1:
+            ours = sum(rates["ours"]) / len(rates["ours"])
+            print(f"{pair}: ours {ours:.2f} {unit}/s, {workload.BATCH_SIZE / ours:.2f} s a step (no TRL counterpart)")
+            continue
         (ours, theirs), (ours_cpu, theirs_cpu) = (
             [sum(r[s]) / len(r[s]) for s in ("ours", "TRL")] for r in (rates, cpu_rates)
         )

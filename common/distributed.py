@@ -276,11 +276,15 @@ def _publish(final: Path, tmp: Path, where: str, run_id: str, keep: int) -> str 
             return f"{where} belongs to run {owner}, not to this run ({run_id}): is another run saving there?"
         shutil.rmtree(final)  # this run's own (a --resume fell back past it) or a damaged one
     tmp.rename(final)
-    for old in [p for p in checkpoints(final.parent) if _run_of(p) == run_id][: -max(keep, 1)]:
-        try:
-            shutil.rmtree(old)
-        except OSError as e:
-            print(f"warning: could not delete the old checkpoint '{old}': {_os_reason(e)}", flush=True)
+    # renamed before it is deleted, so a kill during the deletion leaves no half checkpoint that looks like one;
+    # such leftovers (checkpoint-N.deleting) are removed at the next save
+    try:
+        for old in [p for p in checkpoints(final.parent) if _run_of(p) == run_id][: -max(keep, 1)]:
+            old.rename(old.with_name(old.name + ".deleting"))
+        for path in final.parent.glob("checkpoint-*.deleting"):
+            shutil.rmtree(path)
+    except OSError as e:
+        print(f"warning: could not delete an old checkpoint in '{final.parent}': {_os_reason(e)}", flush=True)
     return None
 
 

@@ -10,8 +10,8 @@ QUICK = ["--log_every", "2", "--eval_every", "4", "--warmup_steps", "2", "--save
 @pytest.mark.parametrize(
     "script, extra",
     [
-        ("reward_model.py", ["--max_steps", "24", "--num_eval_examples", "32"]),
-        ("dpo_pairwise.py", ["--max_steps", "24", "--num_eval_examples", "32", "--num_eval_prompts", "32"]),
+        ("reward_model.py", ["--max_steps", "12", "--num_eval_examples", "32"]),
+        ("dpo_pairwise.py", ["--max_steps", "12", "--num_eval_examples", "32", "--num_eval_prompts", "32"]),
     ],
 )
 def test_offline_resume_is_exact(tmp_path, script, extra):
