@@ -121,9 +121,9 @@ def evaluate(model, tokenizer, batch: dict, num_prompts: int, temperature: float
     seconds = time.perf_counter() - start
     responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
     reward = sum(true_reward(p, r) for p, r in zip(batch["prompt"], responses))
+    reward, num_tokens = all_reduce([reward, response_mask.sum().item()]).tolist()  # over all processes, one collective
     return {
-        "eval/reward": all_reduce(reward).item() / num_prompts,
-        "eval/generated_tokens_per_s": all_reduce(response_mask.sum()).item()
-        / seconds,  # all processes' tokens, sampled in parallel
-        "eval/response_length": all_reduce(response_mask.sum()).item() / num_prompts,
+        "eval/reward": reward / num_prompts,
+        "eval/generated_tokens_per_s": num_tokens / seconds,  # all processes' tokens, sampled in parallel
+        "eval/response_length": num_tokens / num_prompts,
     }
