@@ -41,7 +41,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import tyro
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -57,6 +56,7 @@ from common.distributed import (
     cleanup,
     clip_grad_norm,
     fail,
+    gather_objects,
     init_distributed,
     is_main,
     load_checkpoint,
@@ -197,9 +197,7 @@ def mismatched_responses(batches, pad_token_id):
             batch["generation1_response_attention_mask"],
         ):
             mine[position] = ids[mask.bool()].tolist()
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    responses = {position: ids for part in gathered for position, ids in part.items()}
+    responses = {position: ids for part in gather_objects(mine) for position, ids in part.items()}
     order = sorted(responses)
     successor = {position: order[(i + 1) % len(order)] for i, position in enumerate(order)}
     device = batches[0]["prompt_token_ids"].device
@@ -212,9 +210,7 @@ def mismatched_responses(batches, pad_token_id):
 def label_threshold(scores, spec):
     """Online: the score that separates desirable from undesirable responses (departure 4), from the scores (N,) of
     this process's examples and every other process's: their median or mean over the global step, or a number."""
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, scores.tolist())
-    everything = [score for part in gathered for score in part]
+    everything = [score for part in gather_objects(scores.tolist()) for score in part]
     if spec == "median":
         return statistics.median(everything)
     if spec == "mean":

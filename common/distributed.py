@@ -122,11 +122,17 @@ def all_reduce(value, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return tensor.cpu()
 
 
+def gather_objects(value) -> list:
+    """Every process's `value` (any picklable object), in rank order."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def sum_over_processes(values: dict) -> dict[str, float]:
     """Sum dicts of named numbers (floats, ints, 0-d tensors) over all processes, in one collective. The keys may
     differ between processes: a key missing on one counts 0 there."""
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {key: float(value) for key, value in values.items()})
+    gathered = gather_objects({key: float(value) for key, value in values.items()})
     total = {}
     for named in gathered:
         for key, value in named.items():
@@ -378,8 +384,7 @@ def _newest_run(found: list[Path]) -> str:
 
 def _agree(error: str | None) -> str | None:
     """Every rank's error (None: none) gathered, so that all ranks go on or stop together: the first, or None."""
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, error)
+    gathered = gather_objects(error)
     rank = next((rank for rank, e in enumerate(gathered) if e is not None), None)
     return None if rank is None else gathered[rank] if len(gathered) == 1 else f"rank {rank}: {gathered[rank]}"
 
