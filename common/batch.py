@@ -280,6 +280,10 @@ class OnlineBatchFactory:
     rewards, a tuple (generation1_reward[, generation2_reward]), or None to drop the example: the script, not this
     class, decides what is trained on (e.g. dpo_pairwise.py drops ties and failures).
 
+    samples_per_prompt k > 1 (groups, with num_generations 1): each prompt gets k scored samples, k rows that are
+    kept or dropped together (one dropped sample drops its group) and stay adjacent: rows i*k .. i*k + k - 1 of a
+    micro-batch share a prompt, and a row's group within the step is position // k.
+
     The contract that keeps FSDP's collectives in step: every call of `next_step()` returns exactly
     micro_batch_size * gradient_accumulation_steps examples on every process. When examples are dropped, more prompts
     are sampled, in rounds that all processes take together, each sized by the rate kept so far. If max_rounds
@@ -304,6 +308,7 @@ class OnlineBatchFactory:
         annotator,
         *,
         num_generations: int,
+        samples_per_prompt: int = 1,
         label,
         generation,
         max_prompt_length: int,
@@ -318,6 +323,11 @@ class OnlineBatchFactory:
     ):
         if num_generations not in (1, 2):
             fail(f"OnlineBatchFactory samples 1 (scored) or 2 (compared) responses per prompt, not {num_generations}")
+        if samples_per_prompt > 1 and (num_generations != 1 or micro_batch_size % samples_per_prompt):
+            fail(
+                f"groups of {samples_per_prompt} samples per prompt need scored samples (num_generations 1) and a "
+                f"micro-batch ({micro_batch_size}) that is a multiple of {samples_per_prompt}"
+            )
         rows = tokenize_records(prompt_records, tokenizer, max_prompt_length + 1, max_prompt_length)
         for row, record in zip(rows, prompt_records):
             # the annotator gets the prompt as the data has it, not as our template renders it
@@ -332,6 +342,7 @@ class OnlineBatchFactory:
         )
         self.tokenizer, self.policy, self.annotator, self.label = tokenizer, policy, annotator, label
         self.num_generations, self.generation, self.reweighter = num_generations, generation, reweighter
+        self.samples_per_prompt = samples_per_prompt
         self.micro_batch_size, self.examples_per_step = micro_batch_size, micro_batch_size * gradient_accumulation_steps
         self.sample_reward, self.max_rounds = sample_reward, max_rounds
         self.max_untrainable_steps = max_untrainable_steps
@@ -342,24 +353,26 @@ class OnlineBatchFactory:
 
     def next_step(self) -> list[dict]:
         self.stats, annotator_before = Counter(), Counter(self.annotator.stats)
-        kept, dropped = [], []
+        k = self.samples_per_prompt
+        kept, dropped = [], []  # groups (lists of k rows; one row each without groups)
         for _ in range(self.max_rounds):
             # every process takes the same rounds: the largest shortfall decides
-            missing = all_reduce(self.examples_per_step - len(kept), op=dist.ReduceOp.MAX).item()
+            missing = all_reduce(self.examples_per_step - k * len(kept), op=dist.ReduceOp.MAX).item()
             if missing <= 0:
                 break
-            num_prompts = min(math.ceil(missing / max(self.keep_rate, 0.1)), 4 * self.examples_per_step)
+            num_prompts = min(math.ceil(missing / k / max(self.keep_rate, 0.1)), 4 * self.examples_per_step // k)
             failed_before = self.stats["failed"]
-            rows = self.sample(num_prompts)
-            rows_kept = [row for row in rows if row["kept"]]
-            self.keep_rate = 0.5 * self.keep_rate + 0.5 * len(rows_kept) / num_prompts
-            kept, dropped = kept + rows_kept, dropped + [row for row in rows if not row["kept"]]
+            groups = self.sample(num_prompts)
+            groups_kept = [group for group in groups if all(row["kept"] for row in group)]
+            self.keep_rate = 0.5 * self.keep_rate + 0.5 * len(groups_kept) / num_prompts
+            kept, dropped = kept + groups_kept, dropped + [g for g in groups if not all(row["kept"] for row in g)]
             # an annotator that failed on every example of a round (down, or past its deadline) is not asked again
-            if all_reduce(self.stats["failed"] - failed_before == num_prompts).item() == dist.get_world_size():
+            if all_reduce(self.stats["failed"] - failed_before == num_prompts * k).item() == dist.get_world_size():
                 break
         annotator_counts = Counter(self.annotator.stats)
         annotator_counts.subtract(annotator_before)
         self.stats.update({f"annotator/{key}": count for key, count in annotator_counts.items()})
+        self.stats["kept"] = k * len(kept)
         failed_everywhere, kept_anywhere = all_reduce(
             [self.stats["failed"] == self.stats["examples"], len(kept) > 0]
         ).tolist()
@@ -379,33 +392,38 @@ class OnlineBatchFactory:
                     f"{self.stats['failed']} failed of {self.stats['examples']} in the last step on this process); "
                     "check the annotator, or raise --generation.temperature so that samples differ"
                 )
-        kept = kept[: self.examples_per_step]
+        kept = kept[: self.examples_per_step // k]
         if self.reweighter is not None:
-            kept = self.reweighter(kept)
-        if len(kept) < self.examples_per_step:  # still short: fill with dropped examples at weight 0
-            self.stats["padded"] += self.examples_per_step - len(kept)
+            rows = self.reweighter([row for group in kept for row in group])
+            kept = [rows[i : i + k] for i in range(0, len(rows), k)]
+        if k * len(kept) < self.examples_per_step:  # still short: fill with dropped examples at weight 0
+            self.stats["padded"] += self.examples_per_step - k * len(kept)
             kept += [
-                {**row, **{f"{g}_weight": 0.0 for g in GENERATIONS[: self.num_generations]}}
-                for row in dropped[: self.examples_per_step - len(kept)]
+                [{**row, **{f"{g}_weight": 0.0 for g in GENERATIONS[: self.num_generations]}} for row in group]
+                for group in dropped[: self.examples_per_step // k - len(kept)]
             ]
-        kept = sorted(kept, key=row_length)  # grouped by length: less padding
-        kept = [{**row, "position": dist.get_rank() * self.examples_per_step + i} for i, row in enumerate(kept)]
+        kept = sorted(kept, key=lambda group: max(map(row_length, group)))  # grouped by length: less padding
+        rows = [
+            {**row, "position": dist.get_rank() * self.examples_per_step + i}
+            for i, row in enumerate(row for group in kept for row in group)
+        ]
         return [
-            collate(kept[k : k + self.micro_batch_size], self.tokenizer.pad_token_id)
-            for k in range(0, self.examples_per_step, self.micro_batch_size)
+            collate(rows[i : i + self.micro_batch_size], self.tokenizer.pad_token_id)
+            for i in range(0, self.examples_per_step, self.micro_batch_size)
         ]
 
-    def sample(self, num_prompts: int) -> list[dict]:
-        """Sample and annotate num_prompts prompts: rows with the samples, the annotation, the script's label
-        (the rewards) and `kept` (False where the label is None)."""
+    def sample(self, num_prompts: int) -> list[list[dict]]:
+        """Sample and annotate num_prompts prompts: for each, its group of samples_per_prompt rows (one row without
+        groups) with the samples, the annotation, the script's label (the rewards) and `kept` (False where the
+        label is None)."""
         prompt_rows = []
         while len(prompt_rows) < num_prompts:  # whole steps of the prompt stream, so its position stays a step count
             prompt_rows += self.prompts.next_rows()
         prompt_rows = prompt_rows[:num_prompts]
-        n = self.num_generations
+        n, k = self.num_generations, self.samples_per_prompt
         batch = collate(prompt_rows, self.tokenizer.pad_token_id)
         start = time.perf_counter()
-        response_ids, response_mask = generate(  # prompt i's samples at rows i*n .. i*n + n - 1
+        response_ids, response_mask = generate(  # prompt i's n * k samples at rows i*n*k .. (i + 1)*n*k - 1
             self.policy,
             batch["prompt_token_ids"].to(self.device),
             batch["prompt_attention_mask"].to(self.device),
@@ -413,7 +431,7 @@ class OnlineBatchFactory:
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             generator=self.generator,
-            num_samples=n,
+            num_samples=n * k,
         )
         self.stats["generation_seconds"] += time.perf_counter() - start
         ids = [row[mask.bool()].tolist() for row, mask in zip(response_ids.cpu(), response_mask.cpu())]
@@ -423,33 +441,42 @@ class OnlineBatchFactory:
         self.stats["eos"] += sum(r[-1:] == [self.tokenizer.eos_token_id] for r in ids)
         if self.sample_reward is not None:
             self.stats["sample_reward"] += sum(
-                self.sample_reward(batch["prompt"][k // n], t) for k, t in enumerate(texts)
+                self.sample_reward(batch["prompt"][i // (n * k)], t) for i, t in enumerate(texts)
             )
         raw_prompts = [r["raw_prompt"] for r in prompt_rows]
         if n == 2:
             annotations = self.annotator.prefer(raw_prompts, texts[0::2], texts[1::2])
             self.stats["ties"] += sum(a == 0.5 for a in annotations)
         else:
-            annotations = self.annotator.score(raw_prompts, texts)
+            annotations = self.annotator.score([p for p in raw_prompts for _ in range(k)], texts)
         self.stats["failed"] += sum(a is None for a in annotations)
-        rows = []
-        for i, (prompt_row, annotation) in enumerate(zip(prompt_rows, annotations)):
-            rewards = self.label(annotation)
-            row = {"prompt": prompt_row["prompt"], "prompt_ids": prompt_row["prompt_ids"], "kept": rewards is not None}
-            if n == 2:
-                row["preference"] = annotation
-            for k, g in enumerate(GENERATIONS[:n]):
-                row |= {
-                    f"{g}_response_only": texts[i * n + k],
-                    f"{g}_response_ids": ids[i * n + k],
-                    f"{g}_reward": math.nan if rewards is None else rewards[k],
-                    f"{g}_weight": 1.0,
+        groups = []
+        for i, prompt_row in enumerate(prompt_rows):
+            group = []
+            for j in range(i * k, (i + 1) * k):  # this prompt's rows: a pair (n 2) or one of its k samples each
+                rewards = self.label(annotations[j])
+                row = {
+                    "prompt": prompt_row["prompt"],
+                    "prompt_ids": prompt_row["prompt_ids"],
+                    "kept": rewards is not None,
                 }
-            rows.append(row)
-        self.stats["examples"] += len(rows)
-        self.stats["kept"] += sum(row["kept"] for row in rows)
-        self.samples = [(raw_prompts[i], texts[i * n : (i + 1) * n], annotations[i]) for i in range(min(3, len(rows)))]
-        return rows
+                if n == 2:
+                    row["preference"] = annotations[j]
+                for m, g in enumerate(GENERATIONS[:n]):
+                    row |= {
+                        f"{g}_response_only": texts[j * n + m],
+                        f"{g}_response_ids": ids[j * n + m],
+                        f"{g}_reward": math.nan if rewards is None else rewards[m],
+                        f"{g}_weight": 1.0,
+                    }
+                group.append(row)
+            groups.append(group)
+        self.stats["examples"] += len(annotations)
+        self.samples = [
+            (raw_prompts[i], texts[i * n * k : (i + 1) * n * k], annotations[i * k : (i + 1) * k])
+            for i in range(min(3, len(groups)))
+        ]
+        return groups
 
     @staticmethod
     def metrics(totals: dict) -> dict:

@@ -10,6 +10,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     DynamicCache,
 )
@@ -79,13 +80,21 @@ def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def shared_prompt_logps(
-    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
 ):
     """log pi(y_t | x, y_<t) for every response token of several responses per prompt: (N, Tr), zero at padding.
     prompt_ids (B, Tp) left-padded; response_ids (N, Tr) right-padded, N = n * B, with prompt i's n responses
     at rows i*n .. i*n + n - 1 (common.batch.interleave_responses). The prompt runs once and its KV cache
     serves its n responses, so a pair costs P + 2R tokens of compute instead of 2(P + R) (prefix sharing).
-    Gradient checkpointing keeps no cache: then each response runs after its own copy of the prompt."""
+    Gradient checkpointing keeps no cache: then each response runs after its own copy of the prompt.
+    With a temperature, of the distribution sampled from (logits / temperature); with_entropy, also each
+    position's entropy of that distribution, (N, Tr), without gradient."""
     n, (num_prompt, num_response) = (
         response_ids.shape[0] // prompt_ids.shape[0],
         (prompt_ids.shape[1], response_ids.shape[1]),
@@ -95,6 +104,15 @@ def shared_prompt_logps(
         positions[:, -1:] + 1 + torch.arange(num_response, device=positions.device)
     ).repeat_interleave(n, 0)
     attention_mask = torch.cat([prompt_mask.repeat_interleave(n, 0), response_mask], 1)  # (N, Tp + Tr)
+
+    def score(logits, labels):  # (log-probs, entropies) of labels under logits / temperature, (N, K) each
+        logits = logits / temperature if temperature != 1.0 else logits
+        if not with_entropy:
+            return token_logps(logits, labels), None
+        with torch.no_grad():
+            entropy = torch.logsumexp(logits.float(), -1) - (torch.softmax(logits.float(), -1) * logits).sum(-1)
+        return token_logps(logits, labels), entropy
+
     if any(getattr(layer, "gradient_checkpointing", False) for layer in model.model.layers):  # the layers' own switch
         logits = model(
             input_ids=torch.cat([prompt_ids.repeat_interleave(n, 0), response_ids], 1),
@@ -102,31 +120,34 @@ def shared_prompt_logps(
             position_ids=torch.cat([positions.repeat_interleave(n, 0), response_positions], 1),
             logits_to_keep=torch.arange(num_prompt - 1, num_prompt + num_response - 1, device=prompt_ids.device),
         ).logits
-        return token_logps(logits, response_ids) * response_mask
-    cache = DynamicCache()
-    first = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    ).logits  # (B, 1, V): predicts each response's first token
-    # these logits must reach the loss: FSDP2 gathers a layer's parameters for backward through hooks on the
-    # layer's outputs; were they unused, the backward through the cache would find the last layer resharded
-    cache.batch_repeat_interleave(n)  # the prompt's keys and values, once per response
-    rest = model(
-        input_ids=response_ids,
-        attention_mask=attention_mask,
-        position_ids=response_positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=torch.arange(num_response - 1, device=response_ids.device),
-    ).logits  # (N, Tr - 1, V)
-    logps = torch.cat(
-        [token_logps(first.repeat_interleave(n, 0), response_ids[:, :1]), token_logps(rest, response_ids[:, 1:])], 1
-    )
-    return logps * response_mask
+        logps, entropy = score(logits, response_ids)
+    else:
+        cache = DynamicCache()
+        first = model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits  # (B, 1, V): predicts each response's first token
+        # these logits must reach the loss: FSDP2 gathers a layer's parameters for backward through hooks on the
+        # layer's outputs; were they unused, the backward through the cache would find the last layer resharded
+        cache.batch_repeat_interleave(n)  # the prompt's keys and values, once per response
+        rest = model(
+            input_ids=response_ids,
+            attention_mask=attention_mask,
+            position_ids=response_positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=torch.arange(num_response - 1, device=response_ids.device),
+        ).logits  # (N, Tr - 1, V)
+        scored = score(first.repeat_interleave(n, 0), response_ids[:, :1]), score(rest, response_ids[:, 1:])
+        logps = torch.cat([scored[0][0], scored[1][0]], 1)
+        entropy = torch.cat([scored[0][1], scored[1][1]], 1) if with_entropy else None
+    if not with_entropy:
+        return logps * response_mask
+    return logps * response_mask, entropy * response_mask
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -169,6 +190,36 @@ def load_reward_model(
             model_name_or_path, num_labels=1, dtype=torch.float32, attn_implementation=attn
         )
     model.config.pad_token_id = tokenizer.pad_token_id
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def load_value_model(model_name_or_path: str, tokenizer, device: torch.device, gradient_checkpointing: bool = False):
+    """A transformer body with a scalar head at every position (a token-classification model with one label, no
+    dropout): V(x, y_<t). From a reward model (reward_model.py's output, or any sequence-classification model) it
+    keeps the body and the score head, so each position starts at the reward model's score of the text so far;
+    from a causal LM (or `toy`) the head is new, drawn with std 1/sqrt(hidden + 1) (the N+ implementation
+    details of RLHF with PPO, Huang et al. 2024) and no bias."""
+    attn = attn_implementation(device)
+    path = toy.toy_config(tokenizer) if model_name_or_path == "toy" else model_name_or_path
+    try:
+        config = path if model_name_or_path == "toy" else AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        fail(f"value model '{model_name_or_path}' not found ({str(e).splitlines()[0]})")
+    config.num_labels, config.classifier_dropout, config.token_classification_bias = 1, 0.0, False
+    with torch.random.fork_rng(devices=[]):  # a new head is the same every time (built on the CPU)
+        torch.manual_seed(0)
+        if model_name_or_path == "toy":
+            model = AutoModelForTokenClassification.from_config(config, attn_implementation=attn)
+        else:
+            model = AutoModelForTokenClassification.from_pretrained(
+                path, config=config, dtype=torch.float32, attn_implementation=attn
+            )
+        from_reward_model = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+        if not from_reward_model:
+            torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -1,0 +1,566 @@
+"""PPO against an online reward model or annotator (setup 3), and the critic-free group estimators RLOO and GRPO.
+
+Each step samples responses y to dataset prompts x from the policy, scores them with the annotator, and improves
+the policy on them for --num_ppo_epochs passes. With logprobs and ref_logprobs the per-token log-probs of the
+sampled tokens under the policy that sampled them and under the reference, at the sampling temperature:
+
+    kl         = logprobs - ref_logprobs                              (per token; k1)
+    gae (PPO, the default; Ouyang et al. 2022, Huang et al. 2024 "The N+ implementation details of RLHF with PPO"):
+        rewards    = -kl_coef * kl,  plus the score on the response's last token
+        advantages = GAE(rewards, values; gamma, lam),  returns = advantages + values,  then whitened over the batch
+    rloo (Ahmadian et al. 2024): num_samples k responses per prompt, R = score - kl_coef * sum_t kl
+        advantages = R_i - mean_{j != i} R_j                          (the same for every token of y_i)
+    grpo (Shao et al. 2024): advantages = (score_i - mean_group) / std_group;  dr_grpo (Liu et al. 2025): no std
+        their KL is a term of the loss, not of the reward: kl_coef * k3 per token
+    ratio      = exp(new_logprobs - logprobs)
+    pg_losses  = max(-advantages * ratio, -advantages * clamp(ratio, 1 - cliprange, 1 + cliprange))
+    vf_losses  = 0.5 * max((values_new - returns)^2, (clamp(values_new, values +- cliprange_value) - returns)^2)
+    loss       = sum_tokens weights * (pg_losses + vf_coef * vf_losses [+ kl_coef * k3]) / num_tokens  (gae, rloo)
+                 sum_sequences weights * mean_tokens(...) / num_sequences                          (grpo)
+                 sum_tokens weights * (...) / (num_sequences * max_new_tokens)                     (dr_grpo)
+    num_tokens, num_sequences: of the global minibatch (every micro-batch on every process)
+
+https://arxiv.org/abs/2203.02155  https://arxiv.org/abs/2403.17031  https://arxiv.org/abs/2402.14740
+https://arxiv.org/abs/2402.03300  https://arxiv.org/abs/2503.20783
+
+The estimators are a flag of this script, not forks: they share the rollout, the clipped surrogate and the loop,
+and differ in six lines (the advantages, the critic's presence, where the KL goes, the reduction). A group's k
+samples stay together in every micro-batch and share one forward of their prompt (common.model.shared_prompt_logps).
+
+    python sft.py --output_dir runs/sft && python rl_ppo.py --model_name_or_path runs/sft
+    python rl_ppo.py --model_name_or_path runs/sft --estimator grpo
+    python reward_model.py --output_dir runs/rm && python rl_ppo.py --model_name_or_path runs/sft \\
+        --annotator reward_model:runs/rm
+    torchrun --nproc_per_node 8 rl_ppo.py --model_name_or_path runs/sft-hh --dataset hh \\
+        --annotator reward_model:runs/rm-hh --generation.max_new_tokens 256 --learning_rate 3e-6
+
+Departures from the papers (as the N+ details do, unless said):
+1. The score goes on the response's last token, its EOS when it has one (the N+ details put it one past). A
+   response without EOS gets --missing_eos_penalty instead of its score.
+2. The critic starts from the reward model when the annotator is one with the policy's tokenizer (the N+ details),
+   else from the policy with a new head (--critic to choose); policy and critic share one optimizer and loss.
+3. The learning rate follows a cosine schedule over the steps (rollouts), not a linear decay.
+4. Samples the annotator fails to score are dropped and replaced (common.batch.OnlineBatchFactory); a group with a
+   failed sample is dropped whole.
+"""
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from common import toy
+from common.annotators import Annotator, JudgeArgs, make_annotator
+from common.batch import OnlineBatchFactory, to_device
+from common.data import load_records
+from common.distributed import (
+    Tracker,
+    all_reduce,
+    claim_output_dir,
+    cleanup,
+    clip_grad_norm,
+    fail,
+    init_distributed,
+    is_main,
+    load_checkpoint,
+    print0,
+    save_checkpoint,
+    save_pretrained,
+    shard_model,
+    sum_over_processes,
+)
+from common.flags import check_online_args, check_shared_args, require
+from common.generation import GenerationArgs
+from common.model import load_causal_lm, load_tokenizer, load_value_model, shared_prompt_logps
+from common.reweight import make_reweighter
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "ppo"
+    """name of the run (wandb run name prefix)"""
+    seed: int = 1
+    """seed for data order, sampling and new weights"""
+    output_dir: str = "runs/ppo"
+    """where the final model, args.json, metrics.jsonl and checkpoints go"""
+    track: bool = False
+    """log to wandb"""
+    wandb_project_name: str = "align"
+    """wandb project"""
+    wandb_entity: str | None = None
+    """wandb entity (team or user)"""
+    resume: bool = False
+    """continue from the newest checkpoint in output_dir"""
+    overwrite: bool = False
+    """start afresh in an output_dir that holds another run's checkpoints, deleting them"""
+    save_every: int = 0
+    """save a checkpoint every this many steps (0: never)"""
+    log_every: int = 10
+    """log metrics every this many steps"""
+
+    # model and data
+    model_name_or_path: str = "toy"
+    """hub id or local path of the causal LM to start from (to align: an SFT model); `toy`: the embedded tiny Llama"""
+    dataset: str = "toy"
+    """toy, hh, shp, ultrafeedback, a hub id, or a local .jsonl/.json/.parquet/.csv file (its prompts only)"""
+    dataset_split: str = "train"
+    """split to train on"""
+    max_length: int = 512
+    """longest prompt + response in tokens"""
+    max_prompt_length: int = 256
+    """longest prompt in tokens (longer prompts keep their end)"""
+    group_by_length: bool = True
+    """batch examples of similar length together (less padding); the order of batches stays random"""
+    reweighter: str = "none"
+    """how much each example counts: none, or python:MODULE:FUNCTION (common/reweight.py)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+
+    # optimization
+    max_steps: int = 100
+    """rollouts (each: sample, score, then num_ppo_epochs passes over it)"""
+    learning_rate: float = 2e-4
+    """peak learning rate of AdamW (policy and critic)"""
+    per_device_batch_size: int = 32
+    """responses per micro-batch on each process (a multiple of num_samples)"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per minibatch (per optimizer step)"""
+    warmup_steps: int = 5
+    """linear warmup steps, then cosine decay to 0"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+
+    # PPO
+    estimator: Literal["gae", "rloo", "grpo", "dr_grpo"] = "gae"
+    """advantages: gae (PPO with a critic), or from a group of num_samples responses per prompt: rloo, grpo, dr_grpo"""
+    num_samples: int | None = None
+    """responses per prompt (default: 1 with gae, 4 with a group estimator)"""
+    num_minibatches: int = 2
+    """optimizer steps per pass over a rollout; the rollout holds per_device_batch_size * gradient_accumulation_steps
+    * num_minibatches responses per process"""
+    num_ppo_epochs: int = 4
+    """passes over each rollout"""
+    cliprange: float = 0.2
+    """the policy ratio's clip range"""
+    cliprange_value: float = 0.2
+    """the value's clip range around the rollout's values"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+    kl_coef: float = 0.05
+    """weight of the KL to the reference (in the reward for gae and rloo; in the loss, as k3, for grpo, dr_grpo)"""
+    gamma: float = 1.0
+    """discount"""
+    lam: float = 0.95
+    """GAE's lambda"""
+    missing_eos_penalty: float | None = -1.0
+    """score of a response that did not end (no EOS within max_new_tokens), instead of the annotator's; None: off"""
+    critic: str = "auto"
+    """where the critic starts (gae): auto (the reward model of --annotator reward_model:PATH when it has the
+    policy's tokenizer, else the policy with a new head) or a path"""
+
+    # online
+    annotator: str = "toy"
+    """toy, reward_model:PATH, judge:PATH, http:URL, or python:MODULE:FUNCTION (common/annotators.py); its scores"""
+    judge: JudgeArgs = field(default_factory=JudgeArgs)
+    generation: GenerationArgs = field(default_factory=GenerationArgs)
+
+    # evaluation
+    eval_every: int = 25
+    """evaluate every this many steps (and at the start and the end)"""
+    num_eval_prompts: int = 512
+    """toy only: held-out prompts sampled for eval/reward"""
+
+
+def gae(rewards, values, gamma, lam):
+    """Generalised advantage estimation (Schulman et al. 2016), (N, T), from per-token rewards and values (N, T) that
+    are zero after each response (so each response ends in a terminal state):
+    delta_t = rewards_t + gamma * values_{t+1} - values_t,  advantages_t = delta_t + gamma * lam * advantages_{t+1}."""
+    advantages, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_values = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages
+
+
+def moments(x, mask):
+    """Mean and (unbiased) variance of x where mask, over every process: ((), ()) float64."""
+    total, squares, count = all_reduce(
+        torch.stack([(x.double() * mask).sum(), (x.double() ** 2 * mask).sum(), mask.double().sum()])
+    )
+    mean = total / count
+    return mean, (squares - count * mean**2) / (count - 1).clamp(min=1)
+
+
+def whiten(x, mask):
+    """(x - mean) / std over every process's masked values, zero outside the mask (the N+ details' masked_whiten)."""
+    mean, var = moments(x, mask)
+    return ((x - mean) * torch.rsqrt(var + 1e-8)).float() * mask
+
+
+def group_advantages(rewards, num_samples, estimator):
+    """Advantages (N,) of sequence rewards (N,), groups of num_samples adjacent: rloo's leave-one-out baseline,
+    grpo's group-normalised score, dr_grpo's mean-centred score."""
+    grouped = rewards.view(-1, num_samples)  # (N / k, k)
+    if estimator == "rloo":
+        baseline = (grouped.sum(1, keepdim=True) - grouped) / (num_samples - 1)  # mean of the others
+        return (grouped - baseline).flatten()
+    centred = grouped - grouped.mean(1, keepdim=True)
+    if estimator == "grpo":
+        centred = centred / (grouped.std(1, keepdim=True) + 1e-4)
+    return centred.flatten()
+
+
+def token_values(critic, prompt_ids, prompt_mask, response_ids, response_mask):
+    """V(x, y_<t) for every response token t, (N, Tr), zero at padding: the critic's head on the hidden state that
+    predicts token t. Prompts (B, Tp) as in common.model.shared_prompt_logps, N = n * B."""
+    n, num_prompt = response_ids.shape[0] // prompt_ids.shape[0], prompt_ids.shape[1]
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(n, 0), response_mask], 1)
+    values = critic(
+        input_ids=torch.cat([prompt_ids.repeat_interleave(n, 0), response_ids], 1),
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+    ).logits[:, num_prompt - 1 : -1, 0]
+    return values.float() * response_mask
+
+
+def select(rollout, rows, num_samples):
+    """A micro-batch: the rollout's rows (whole groups, in order), cut to the columns they use."""
+    prompts = rows[::num_samples] // num_samples
+    prompt_length = int(rollout["prompt_mask"][prompts].sum(-1).max())
+    response_length = int(rollout["response_mask"][rows].sum(-1).max())
+    batch = {key: value[rows] for key, value in rollout.items() if not key.startswith("prompt")}
+    batch = {key: value[:, :response_length] if value.dim() == 2 else value for key, value in batch.items()}
+    batch["prompt_ids"] = rollout["prompt_ids"][prompts][:, -prompt_length:]
+    batch["prompt_mask"] = rollout["prompt_mask"][prompts][:, -prompt_length:]
+    return batch
+
+
+def critic_path(args, tokenizer) -> str | None:
+    """Where the critic starts (departure 2); None without one (the group estimators)."""
+    if args.estimator != "gae":
+        return None
+    kind, _, reward_model = args.annotator.partition(":")
+    path = args.critic
+    if path == "auto":
+        if kind != "reward_model":
+            return args.model_name_or_path
+        path = reward_model
+    if load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
+        if args.critic != "auto":
+            fail(f"--critic {path}: its tokenizer differs from the policy's; the critic reads the policy's tokens")
+        print0(f"the reward model {path} has another tokenizer than the policy: the critic starts from the policy")
+        return args.model_name_or_path
+    return path
+
+
+def check_args(args: Args):
+    """Every flag's range, before any work; common.flags checks the flags all scripts share."""
+    check_shared_args(args)
+    check_online_args(args)
+    k = args.num_samples
+    require(k >= 1, "num_samples", k, "must be at least 1")
+    if args.estimator != "gae":
+        require(k >= 2, "num_samples", k, f"must be at least 2: --estimator {args.estimator} compares a group")
+    require(
+        args.per_device_batch_size % k == 0,
+        "per_device_batch_size",
+        args.per_device_batch_size,
+        f"must be a multiple of --num_samples ({k}): a group's samples share a micro-batch",
+    )
+    require(args.num_minibatches >= 1, "num_minibatches", args.num_minibatches, "must be at least 1")
+    require(args.num_ppo_epochs >= 1, "num_ppo_epochs", args.num_ppo_epochs, "must be at least 1")
+    require(args.cliprange > 0, "cliprange", args.cliprange, "must be above 0")
+    require(args.cliprange_value > 0, "cliprange_value", args.cliprange_value, "must be above 0")
+    require(args.vf_coef >= 0, "vf_coef", args.vf_coef, "must be 0 or more")
+    require(args.kl_coef >= 0, "kl_coef", args.kl_coef, "must be 0 or more")
+    require(0 <= args.gamma <= 1, "gamma", args.gamma, "must be in [0, 1]")
+    require(0 <= args.lam <= 1, "lam", args.lam, "must be in [0, 1]")
+    if args.missing_eos_penalty is not None:
+        require(math.isfinite(args.missing_eos_penalty), "missing_eos_penalty", args.missing_eos_penalty, "finite")
+    if args.annotator == "toy" and args.dataset != "toy":
+        fail("--annotator toy scores only the toy task; choose an annotator for this dataset (see --help)")
+    if args.reweighter == "confidence":
+        fail("--reweighter confidence weighs pairs by the annotator's probability; PPO's samples are scored singly")
+    if args.critic != "auto" and args.estimator != "gae":
+        fail(f"--critic: --estimator {args.estimator} has no critic (its baseline comes from the group)")
+
+
+def main(args: Args):
+    if args.num_samples is None:
+        args.num_samples = 1 if args.estimator == "gae" else 4
+    check_args(args)
+    _, world_size, device = init_distributed(args.seed)
+    run_id = claim_output_dir(args.output_dir, args.resume, args.overwrite)  # before any work, so it fails fast
+    k, micro_batch_size = args.num_samples, args.per_device_batch_size
+    minibatch_size = micro_batch_size * args.gradient_accumulation_steps  # responses per process
+    rollout_size = minibatch_size * args.num_minibatches
+    print0(
+        f"{world_size} process(es) on {device.type}; {args.estimator}: rollouts of {rollout_size * world_size} "
+        f"responses ({k} per prompt), {args.num_ppo_epochs} epochs x {args.num_minibatches} minibatches of "
+        f"{minibatch_size * world_size} = {micro_batch_size} per device x {args.gradient_accumulation_steps} "
+        f"accumulation x {world_size} processes; learning rate {args.learning_rate}"
+    )
+
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    reweighter = make_reweighter(args.reweighter)
+    records = load_records(args.dataset, args.dataset_split, "prompt")  # data first: bad data fails before a model
+    annotator = make_annotator(args.annotator, device, args.judge)
+    if type(annotator)._score is Annotator._score:
+        fail(f"--annotator {args.annotator} has no pointwise form (a score per response)")
+    policy = shard_model(
+        load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing), device
+    )
+    reference = shard_model(load_causal_lm(args.model_name_or_path, tokenizer, device), device, trainable=False).eval()
+    critic, path = None, critic_path(args, tokenizer)
+    if path is not None:
+        print0(f"critic from {path}")
+        critic = shard_model(load_value_model(path, tokenizer, device, args.gradient_checkpointing), device)
+    # one rollout per step: every response of this process in one batch, the groups of k adjacent
+    factory = OnlineBatchFactory(
+        records,
+        tokenizer,
+        policy,
+        annotator,
+        num_generations=1,
+        samples_per_prompt=k,
+        label=lambda score: None if score is None else (score,),
+        generation=args.generation,
+        max_prompt_length=args.max_prompt_length,
+        micro_batch_size=rollout_size,
+        gradient_accumulation_steps=1,
+        seed=args.seed,
+        group_by_length=args.group_by_length,
+        reweighter=reweighter,
+        sample_reward=toy.true_reward if args.dataset == "toy" else None,
+    )
+    toy_batch = toy.eval_batch(tokenizer, args.num_eval_prompts, device) if args.dataset == "toy" else None
+
+    def evaluate() -> dict:
+        return toy.evaluate(policy, tokenizer, toy_batch, args.num_eval_prompts, seed=args.seed) if toy_batch else {}
+
+    trained = torch.nn.ModuleDict({"policy": policy} | ({"critic": critic} if critic is not None else {}))
+    optimizer = torch.optim.AdamW(trained.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
+    start_step = 0
+    if args.resume:
+        start_step, data_state = load_checkpoint(args.output_dir, trained, optimizer, scheduler)
+        factory.load_state_dict(data_state)
+    tracker = Tracker(args, resume_step=start_step if args.resume else None)
+    if start_step == 0:
+        tracker.log(0, evaluate())
+    temperature = args.generation.temperature
+
+    steps = range(start_step, args.max_steps)
+    for step in tqdm(steps, initial=start_step, total=args.max_steps, disable=not is_main()):
+        step_start = time.perf_counter()
+        seconds = defaultdict(float)  # where the step's time goes
+        # 1. rollout: sample this process's responses and score them (the annotator's score as generation1_reward;
+        # weight 0 where a failed group was padded in)
+        batch = to_device(factory.next_step()[0], device)
+        seconds["sampling"] = factory.stats["generation_seconds"]
+        seconds["scoring"] = time.perf_counter() - step_start - seconds["sampling"]
+        rollout = {
+            "prompt_ids": batch["prompt_token_ids"][::k],  # (N / k, Tp): a group's samples share their prompt
+            "prompt_mask": batch["prompt_attention_mask"][::k],
+            "response_ids": batch["generation1_response_token_ids"],  # (N, Tr)
+            "response_mask": batch["generation1_response_attention_mask"],
+            "weights": batch["generation1_weight"],  # (N,)
+        }
+        response_mask, weights = rollout["response_mask"], rollout["weights"]
+        lengths = response_mask.sum(-1)
+        last_tokens = rollout["response_ids"].gather(1, (lengths - 1)[:, None])[:, 0]
+        contains_eos = last_tokens == tokenizer.eos_token_id
+        scores = torch.where(weights > 0, batch["generation1_reward"], 0.0)  # failed: NaN, at weight 0
+        if args.missing_eos_penalty is not None:  # departure 1
+            scores = torch.where(contains_eos, scores, args.missing_eos_penalty)
+
+        # 2. the rollout's log-probs under the policy and the reference, and the critic's values, without gradient
+        forwards = defaultdict(list)
+        with torch.no_grad():
+            for start in range(0, rollout_size, micro_batch_size):
+                mb = select(rollout, torch.arange(start, start + micro_batch_size, device=device), k)
+                inputs = mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"]
+                tick = time.perf_counter()
+                logprobs, entropy = shared_prompt_logps(policy, *inputs, temperature, with_entropy=True)
+                forwards["logprobs"].append(logprobs)
+                forwards["entropy"].append(entropy)
+                seconds["policy"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                forwards["ref_logprobs"].append(shared_prompt_logps(reference, *inputs, temperature))
+                seconds["reference"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                if critic is not None:
+                    forwards["values"].append(token_values(critic, *inputs))
+                seconds["critic"] += time.perf_counter() - tick
+        width = response_mask.shape[1]  # micro-batches are cut to their own longest response: pad back to (N, Tr)
+        for key, parts in forwards.items():
+            rollout[key] = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+        logprobs, ref_logprobs = rollout["logprobs"], rollout["ref_logprobs"]
+        values = rollout.get("values", torch.zeros_like(logprobs))
+
+        # 3. advantages
+        kl = logprobs - ref_logprobs  # (N, Tr), zero at padding
+        trained_tokens = response_mask * (weights > 0)[:, None]  # padded-in rows count nowhere
+        if args.estimator == "gae":
+            rewards = -args.kl_coef * kl
+            rewards[torch.arange(len(rewards)), lengths - 1] += scores  # the score on the last token (departure 1)
+            advantages = gae(rewards, values, args.gamma, args.lam)
+            rollout["returns"] = advantages + values
+            rollout["advantages"] = whiten(advantages, trained_tokens)
+        else:
+            sequence_rewards = scores - args.kl_coef * kl.sum(-1) if args.estimator == "rloo" else scores
+            rollout["advantages"] = group_advantages(sequence_rewards, k, args.estimator)[:, None] * response_mask
+
+        # 4. PPO epochs: num_minibatches optimizer steps per pass, each over whole groups in a fresh order
+        sums = defaultdict(float)  # per-step sums of the logged metrics, by name
+        update_start = time.perf_counter()
+        for epoch in range(args.num_ppo_epochs):
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + epoch)
+            order = torch.randperm(rollout_size // k, generator=generator).to(device)
+            for m in range(args.num_minibatches):
+                groups = order[m * minibatch_size // k : (m + 1) * minibatch_size // k]
+                rows = (groups[:, None] * k + torch.arange(k, device=device)).flatten()
+                # the reduction's denominators, of the global minibatch
+                num_tokens = all_reduce(response_mask[rows].sum()).item()
+                num_sequences = len(rows) * world_size
+                for a in range(args.gradient_accumulation_steps):
+                    last = a == args.gradient_accumulation_steps - 1
+                    for model in trained.values():
+                        model.set_requires_gradient_sync(last)  # reduce gradients once per optimizer step
+                    mb = select(rollout, rows[a * micro_batch_size : (a + 1) * micro_batch_size], k)
+                    inputs = mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"]
+                    mask, w = mb["response_mask"], mb["weights"][:, None]
+                    new_logprobs = shared_prompt_logps(policy, *inputs, temperature)  # (n, Tr)
+                    logratio = (new_logprobs - mb["logprobs"]) * mask
+                    ratio = torch.exp(logratio)
+                    pg_losses = -mb["advantages"] * ratio
+                    pg_losses2 = -mb["advantages"] * torch.clamp(ratio, 1 - args.cliprange, 1 + args.cliprange)
+                    token_losses = torch.max(pg_losses, pg_losses2)
+                    if critic is not None:
+                        new_values = token_values(critic, *inputs)
+                        values_clipped = mb["values"] + torch.clamp(
+                            new_values - mb["values"], -args.cliprange_value, args.cliprange_value
+                        )
+                        vf_losses = 0.5 * torch.max(
+                            (new_values - mb["returns"]) ** 2, (values_clipped - mb["returns"]) ** 2
+                        )
+                        token_losses = token_losses + args.vf_coef * vf_losses
+                    if args.estimator in ("grpo", "dr_grpo"):
+                        log_ref_ratio = mb["ref_logprobs"] - new_logprobs
+                        kl_losses = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # k3, unbiased and >= 0
+                        token_losses = token_losses + args.kl_coef * kl_losses
+
+                    # 5. loss: weighted sums over this micro-batch over the global minibatch's count (of tokens,
+                    # sequences or max_new_tokens per sequence); the micro-batches add up to this process's share
+                    # of the global mean, and FSDP averages gradients over processes, so * world_size makes their
+                    # sum the global mean
+                    if args.estimator == "grpo":  # each sequence's token mean, then the mean over sequences
+                        sequence_losses = (token_losses * mask).sum(-1) / mask.sum(-1)
+                        loss = (w[:, 0] * sequence_losses).sum() / num_sequences * world_size
+                    elif args.estimator == "dr_grpo":  # a constant length: no bias to long or short responses
+                        normaliser = num_sequences * args.generation.max_new_tokens
+                        loss = (w * token_losses * mask).sum() / normaliser * world_size
+                    else:
+                        loss = (w * token_losses * mask).sum() / num_tokens * world_size
+                    loss.backward()
+
+                    with torch.no_grad():  # diagnostics, summed over tokens: averaged over the step at logging
+                        sums["train/loss"] += loss / world_size
+                        sums["policy/approx_kl"] += ((ratio - 1 - logratio) * mask).sum()  # k3 of new vs rollout
+                        sums["policy/clip_fraction"] += ((ratio - 1).abs() > args.cliprange).mul(mask).sum()
+                        sums["policy/ratio"] += (ratio * mask).sum()
+                        sums["loss/policy"] += (w * torch.max(pg_losses, pg_losses2) * mask).sum()
+                        if critic is not None:
+                            sums["loss/value"] += (w * vf_losses * mask).sum()
+                            clipped = (new_values - mb["values"]).abs() > args.cliprange_value
+                            sums["value/clip_fraction"] += (clipped * mask).sum()
+                        if args.estimator in ("grpo", "dr_grpo"):
+                            sums["loss/kl"] += (w * kl_losses * mask).sum()
+                        sums["update_tokens"] += mask.sum()
+                grad_norm = clip_grad_norm(trained, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        seconds["update"] = time.perf_counter() - update_start
+
+        # 6. log: one object per step in metrics.jsonl
+        metrics = {}
+        if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
+            scored = weights > 0
+            sums |= {
+                "objective/scores": (scores * scored).sum(),
+                "objective/scores_squared": (scores**2 * scored).sum(),
+                "objective/kl": (kl.sum(-1) * scored).sum(),  # sequence KL to the reference
+                "objective/entropy": (rollout["entropy"] * trained_tokens).sum(),
+                "num_scored": scored.sum(),
+                "num_trained_tokens": trained_tokens.sum(),
+                "eos": (contains_eos * scored).sum(),
+            }
+            totals, elapsed = sum_over_processes(sums), time.perf_counter() - step_start
+            num_scored, updates = max(totals["num_scored"], 1), args.num_ppo_epochs * args.num_minibatches
+            metrics |= {
+                "train/loss": totals["train/loss"] / updates,
+                "objective/scores": totals["objective/scores"] / num_scored,
+                "objective/scores_std": math.sqrt(
+                    max(
+                        totals["objective/scores_squared"] / num_scored
+                        - (totals["objective/scores"] / num_scored) ** 2,
+                        0,
+                    )
+                ),
+                "objective/kl": totals["objective/kl"] / num_scored,
+                "objective/entropy": totals["objective/entropy"] / max(totals["num_trained_tokens"], 1),
+                "objective/eos_rate": totals["eos"] / num_scored,
+                "train/grad_norm": grad_norm,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/tokens_per_s": all_reduce(response_mask.sum()).item() / elapsed,
+            }
+            metrics |= {
+                name: totals[name] / totals["update_tokens"]
+                for name in ("policy/approx_kl", "policy/clip_fraction", "policy/ratio", "loss/policy")
+                + ("loss/value", "value/clip_fraction", "loss/kl")
+                if name in totals
+            }
+            if critic is not None:  # how much of the returns' variance the rollout's values explain
+                explained = 1 - moments(rollout["returns"] - values, trained_tokens)[1] / moments(
+                    rollout["returns"], trained_tokens
+                )[1].clamp(min=1e-12)
+                metrics["value/explained_variance"] = explained.item()
+            # seconds per step, averaged over processes
+            metrics |= {f"time/{name}": value / world_size for name, value in sum_over_processes(seconds).items()}
+            if reweighter is not None:
+                metrics |= reweighter.metrics(sum_over_processes(reweighter.stats))
+            metrics |= factory.metrics(sum_over_processes(factory.stats))
+            tracker.log_samples(step + 1, factory.samples)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
+            eval_metrics = evaluate()
+            metrics |= eval_metrics
+            print0(
+                f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items() if "per_s" not in k)
+            )
+        if metrics:
+            tracker.log(step + 1, metrics)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(args.output_dir, step + 1, trained, optimizer, scheduler, factory.state_dict(), run_id)
+
+    save_pretrained(policy, tokenizer, args.output_dir)
+    if critic is not None:
+        save_pretrained(critic, tokenizer, f"{args.output_dir}/critic")
+    print0(f"saved to {args.output_dir}")
+    tracker.finish()
+    cleanup()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
