@@ -56,7 +56,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from common import toy
-from common.annotators import Annotator, JudgeArgs, make_annotator
+from common.annotators import JudgeArgs, make_annotator
 from common.batch import OnlineBatchFactory, to_device
 from common.data import load_records
 from common.distributed import (
@@ -109,7 +109,7 @@ class Args:
     model_name_or_path: str = "toy"
     """hub id or local path of the causal LM to start from (to align: an SFT model); `toy`: the embedded tiny Llama"""
     dataset: str = "toy"
-    """toy, hh, shp, ultrafeedback, a hub id, or a local .jsonl/.json/.parquet/.csv file (its prompts only)"""
+    """toy, hh, shp, ultrafeedback, a hub id, or a local .jsonl/.json/.parquet/.csv file"""
     dataset_split: str = "train"
     """split to train on"""
     max_length: int = 512
@@ -119,7 +119,8 @@ class Args:
     group_by_length: bool = True
     """batch examples of similar length together (less padding); the order of batches stays random"""
     reweighter: str = "none"
-    """how much each example counts: none, or python:MODULE:FUNCTION (common/reweight.py)"""
+    """how much each example counts: none (the data's weights), confidence (online pairs: |2p - 1|, p the annotator's
+    probability that generation1 is better), or python:MODULE:FUNCTION (common/reweight.py)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
 
@@ -129,9 +130,9 @@ class Args:
     learning_rate: float = 2e-4
     """peak learning rate of AdamW (policy and critic)"""
     per_device_batch_size: int = 32
-    """responses per micro-batch on each process (a multiple of num_samples)"""
+    """examples (pairs, in the pairwise scripts) per micro-batch on each process"""
     gradient_accumulation_steps: int = 1
-    """micro-batches per minibatch (per optimizer step)"""
+    """micro-batches per optimizer step"""
     warmup_steps: int = 5
     """linear warmup steps, then cosine decay to 0"""
     weight_decay: float = 0.0
@@ -169,7 +170,7 @@ class Args:
 
     # online
     annotator: str = "toy"
-    """toy, reward_model:PATH, judge:PATH, http:URL, or python:MODULE:FUNCTION (common/annotators.py); its scores"""
+    """toy, reward_model:PATH, judge:PATH, http:URL, or python:MODULE:FUNCTION (common/annotators.py)"""
     judge: JudgeArgs = field(default_factory=JudgeArgs)
     generation: GenerationArgs = field(default_factory=GenerationArgs)
 
@@ -178,6 +179,19 @@ class Args:
     """evaluate every this many steps (and at the start and the end)"""
     num_eval_prompts: int = 512
     """toy only: held-out prompts sampled for eval/reward"""
+
+
+def policy_losses(advantages, ratio, cliprange):
+    """PPO's clipped surrogate per token (Schulman et al. 2017, eq. 7, as a loss): the pessimistic one of the two."""
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    return torch.max(pg_losses, pg_losses2)
+
+
+def value_losses(new_values, values, returns, cliprange_value):
+    """The clipped value loss per token: new values may move cliprange_value from the rollout's values for free."""
+    values_clipped = values + torch.clamp(new_values - values, -cliprange_value, cliprange_value)
+    return 0.5 * torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2)
 
 
 def gae(rewards, values, gamma, lam):
@@ -316,8 +330,6 @@ def main(args: Args):
     reweighter = make_reweighter(args.reweighter)
     records = load_records(args.dataset, args.dataset_split, "prompt")  # data first: bad data fails before a model
     annotator = make_annotator(args.annotator, device, args.judge)
-    if type(annotator)._score is Annotator._score:
-        fail(f"--annotator {args.annotator} has no pointwise form (a score per response)")
     policy = shard_model(
         load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing), device
     )
@@ -360,6 +372,10 @@ def main(args: Args):
     if start_step == 0:
         tracker.log(0, evaluate())
     temperature = args.generation.temperature
+    trained.train()
+    for module in trained.modules():  # no dropout (the N+ details): a forward must give the rollout's log-probs
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
     steps = range(start_step, args.max_steps)
     for step in tqdm(steps, initial=start_step, total=args.max_steps, disable=not is_main()):
@@ -444,17 +460,11 @@ def main(args: Args):
                     new_logprobs = shared_prompt_logps(policy, *inputs, temperature)  # (n, Tr)
                     logratio = (new_logprobs - mb["logprobs"]) * mask
                     ratio = torch.exp(logratio)
-                    pg_losses = -mb["advantages"] * ratio
-                    pg_losses2 = -mb["advantages"] * torch.clamp(ratio, 1 - args.cliprange, 1 + args.cliprange)
-                    token_losses = torch.max(pg_losses, pg_losses2)
+                    pg_losses = policy_losses(mb["advantages"], ratio, args.cliprange)
+                    token_losses = pg_losses
                     if critic is not None:
                         new_values = token_values(critic, *inputs)
-                        values_clipped = mb["values"] + torch.clamp(
-                            new_values - mb["values"], -args.cliprange_value, args.cliprange_value
-                        )
-                        vf_losses = 0.5 * torch.max(
-                            (new_values - mb["returns"]) ** 2, (values_clipped - mb["returns"]) ** 2
-                        )
+                        vf_losses = value_losses(new_values, mb["values"], mb["returns"], args.cliprange_value)
                         token_losses = token_losses + args.vf_coef * vf_losses
                     if args.estimator in ("grpo", "dr_grpo"):
                         log_ref_ratio = mb["ref_logprobs"] - new_logprobs
@@ -480,7 +490,7 @@ def main(args: Args):
                         sums["policy/approx_kl"] += ((ratio - 1 - logratio) * mask).sum()  # k3 of new vs rollout
                         sums["policy/clip_fraction"] += ((ratio - 1).abs() > args.cliprange).mul(mask).sum()
                         sums["policy/ratio"] += (ratio * mask).sum()
-                        sums["loss/policy"] += (w * torch.max(pg_losses, pg_losses2) * mask).sum()
+                        sums["loss/policy"] += (w * pg_losses * mask).sum()
                         if critic is not None:
                             sums["loss/value"] += (w * vf_losses * mask).sum()
                             clipped = (new_values - mb["values"]).abs() > args.cliprange_value

@@ -1,24 +1,28 @@
 """Side-by-side throughput of our scripts and TRL's trainers on one fixed CPU workload (benchmarks/workload.py).
 
 For each pair (sft.py / SFTTrainer, reward_model.py / RewardTrainer, dpo_pairwise.py / DPOTrainer,
-dpo_pairwise.py --online / OnlineDPOTrainer), ours and TRL run alternately as subprocesses (ours, TRL, ours, TRL,
-... for --repeats) on the same model folder, data and settings, with the same torch thread count. Start-up
-(imports, model load, tokenization, the final save) is left out by differencing: each side runs for N1 and for
-N2 optimizer steps, and
+dpo_pairwise.py --online / OnlineDPOTrainer, kto_pointwise.py / KTOTrainer, rl_ppo.py --estimator grpo /
+GRPOTrainer, rl_ppo.py --estimator rloo / RLOOTrainer), ours and TRL run alternately as subprocesses (ours, TRL,
+ours, TRL, ... for --repeats) on the same model folder, data and settings, with the same torch thread count.
+Start-up (imports, model load, tokenization, the final save) is left out by differencing: each side runs for N1
+and for N2 optimizer steps (rollouts for the RL pairs), and
 
-    examples/s = (N2 - N1) * batch_size / (wall time of the N2 run - wall time of the N1 run)
+    examples/s = (N2 - N1) * examples per step / (wall time of the N2 run - wall time of the N1 run)
 
-(pairs/s for the reward model and both DPOs). The same with CPU time (user + sys) in place of wall time gives
-examples per CPU-second: close to examples/s when nothing else runs, and less disturbed than it when something
-does. Times and peak RSS come from GNU time (/usr/bin/time), not from waiting on the child here: a process inherits
-its parent's peak RSS at exec, and this one has imported torch. Peak RSS is the largest of a side's runs.
-online_dpo also prints each side's generation: tokens sampled per second of sampling (ours from its
-metrics.jsonl, TRL's from the clock trl_side.py puts around its `_generate`), mean response length, EOS rate,
-and for ours the fraction of pairs kept (ties are dropped).
+(pairs/s for the reward model and both DPOs, responses/s for the RL pairs). The same with CPU time (user + sys)
+in place of wall time gives examples per CPU-second: close to examples/s when nothing else runs, and less
+disturbed than it when something does. Times and peak RSS come from GNU time (/usr/bin/time), not from waiting on
+the child here: a process inherits its parent's peak RSS at exec, and this one has imported torch. Peak RSS is the
+largest of a side's runs. The online pairs also print each side's generation: tokens sampled per second of
+sampling (ours from its metrics.jsonl, TRL's from the clock trl_side.py puts around the method that samples), mean
+response length, EOS rate, and for ours the fraction kept (online DPO drops ties). rl_ppo.py's pairs also print
+where ours' last step of the N2 run went (its time/* metrics). online_kto and ppo have no TRL counterpart (TRL
+removed its PPOTrainer): ours only, with its seconds a step.
 
     python benchmarks/run.py                                # every pair whose script exists, 2 repeats
     python benchmarks/run.py --pairs sft --repeats 3 --threads 2
     python benchmarks/run.py --ungrouped                    # ours on TRL's batches (no length grouping)
+    python benchmarks/run.py --pairs grpo rloo ppo          # the RL pairs
 """
 
 import argparse
@@ -33,14 +37,23 @@ from pathlib import Path
 import workload
 
 ROOT = Path(__file__).resolve().parents[1]
-PAIRS = {  # name -> (our script, data file in the work folder, unit, default N1 and N2)
-    "sft": ("sft.py", "sft.jsonl", "examples", (4, 36)),
-    "reward_model": ("reward_model.py", "pairwise.jsonl", "pairs", (4, 36)),
-    "dpo": ("dpo_pairwise.py", "pairwise.jsonl", "pairs", (4, 36)),
-    "online_dpo": ("dpo_pairwise.py", "pairwise.jsonl", "pairs", (2, 10)),  # prompts only; ~3 s a step
-    "kto": ("kto_pointwise.py", "pointwise.jsonl", "examples", (4, 36)),
-    "online_kto": ("kto_pointwise.py", "pairwise.jsonl", "examples", (2, 10)),  # prompts only; no TRL counterpart
+B, K = workload.BATCH_SIZE, workload.NUM_SAMPLES
+# name -> (our script, data file in the work folder, unit, default N1 and N2, per_device_batch_size, units a step)
+PAIRS = {
+    "sft": ("sft.py", "sft.jsonl", "examples", (4, 36), B, B),
+    "reward_model": ("reward_model.py", "pairwise.jsonl", "pairs", (4, 36), B, B),
+    "dpo": ("dpo_pairwise.py", "pairwise.jsonl", "pairs", (4, 36), B, B),
+    "online_dpo": ("dpo_pairwise.py", "pairwise.jsonl", "pairs", (2, 10), B, B),  # prompts only; ~3 s a step
+    "kto": ("kto_pointwise.py", "pointwise.jsonl", "examples", (4, 36), B, B),
+    "online_kto": ("kto_pointwise.py", "pairwise.jsonl", "examples", (2, 10), B, B),  # prompts only; no TRL
+    # prompts only; a step: B / 2 prompts x K samples, one rollout = one minibatch = one optimizer step, both sides
+    "grpo": ("rl_ppo.py", "pairwise.jsonl", "responses", (2, 10), B // 2 * K, B // 2 * K),
+    "rloo": ("rl_ppo.py", "pairwise.jsonl", "responses", (2, 10), B // 2 * K, B // 2 * K),
+    # ours only (TRL has no PPOTrainer): rl_ppo.py's PPO defaults, rollouts of 2 minibatches of B, 4 epochs
+    "ppo": ("rl_ppo.py", "pairwise.jsonl", "responses", (2, 10), B, 2 * B),
 }
+NO_TRL = ("online_kto", "ppo")
+RL = ("grpo", "rloo", "ppo")
 
 
 def commands(
@@ -48,7 +61,7 @@ def commands(
 ) -> dict[str, list[str]]:
     """The two command lines of a pair, on the same files and settings (the flags are our scripts' names).
     ungrouped: ours without length grouping, so both sides train on the same batches in the same order."""
-    script, data, _, _ = PAIRS[pair]
+    script, data, _, _, batch_size, _ = PAIRS[pair]
     shared = [
         "--model_name_or_path",
         str(work),
@@ -61,7 +74,7 @@ def commands(
         "--seed",
         "1",
         "--per_device_batch_size",
-        str(workload.BATCH_SIZE),
+        str(batch_size),
         "--learning_rate",
         str(learning_rate),
         "--warmup_steps",
@@ -71,7 +84,7 @@ def commands(
     ]
     if pair in ("dpo", "online_dpo", "kto", "online_kto"):
         shared += ["--beta", "0.1"]
-    if pair in ("online_dpo", "online_kto"):
+    if pair in ("online_dpo", "online_kto", *RL):
         shared += [
             "--annotator",
             f"reward_model:{work / 'rm'}",
@@ -80,12 +93,28 @@ def commands(
             "--generation.temperature",
             str(workload.TEMPERATURE),
         ]
+    if pair in ("grpo", "rloo"):  # one rollout, one pass, one optimizer step a step (TRL: num_iterations 1,
+        # steps_per_generation 1); the KL weight is TRL's beta
+        shared += [
+            "--num_samples",
+            str(workload.NUM_SAMPLES),
+            "--kl_coef",
+            str(workload.KL_COEF),
+            "--num_ppo_epochs",
+            "1",
+            "--num_minibatches",
+            "1",
+        ]
+    # ours only: the estimator; no score for a response without EOS in the group pairs (TRL has no such penalty)
+    rl = {"grpo": ["--estimator", "grpo", "--missing_eos_penalty", "None"], "ppo": ["--estimator", "gae"]}
+    rl["rloo"] = ["--estimator", "rloo", "--missing_eos_penalty", "None"]
     return {
         "ours": [
             sys.executable,
             script,
             *shared,
             *(["--online"] if pair.startswith("online") else []),
+            *rl.get(pair, []),
             "--max_prompt_length",
             str(workload.MAX_PROMPT_LENGTH),
             "--log_every",
@@ -100,7 +129,8 @@ def commands(
 
 def generation_stats(output_dir: Path) -> dict:
     """Sampling of an online run: ours from its metrics.jsonl (logged once, at the end: the last step's sampling),
-    TRL's from the totals trl_side.py writes (the whole run). Empty for offline pairs."""
+    TRL's from the totals trl_side.py writes (the whole run). Empty for offline pairs. rl_ppo.py's time/* metrics
+    (seconds of the last step by phase) come along."""
     if (output_dir / "generation.json").exists():
         t = json.loads((output_dir / "generation.json").read_text())
         return {
@@ -118,7 +148,7 @@ def generation_stats(output_dir: Path) -> dict:
     return {
         k.removeprefix("online/"): metrics[k]
         for k in ("online/generated_tokens_per_s", "online/response_length", "online/eos_rate", "online/kept_fraction")
-    }
+    } | {k: v for k, v in metrics.items() if k.startswith("time/")}
 
 
 def timed(command: list[str], output_dir: Path, env: dict) -> tuple[float, float, float, dict]:
@@ -163,7 +193,7 @@ def main():
         nargs=2,
         default=None,
         metavar=("N1", "N2"),
-        help="the two step counts to difference (default: 4 36; 2 10 for online_dpo)",
+        help="the two step counts to difference (default: 4 36; 2 10 for the online and RL pairs)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides (OMP_NUM_THREADS)")
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate of both sides")
@@ -193,20 +223,20 @@ def main():
     )
     rows = []
     for pair in args.pairs:
-        script, _, unit, default_steps = PAIRS[pair]
+        script, _, unit, default_steps, _, per_step = PAIRS[pair]
         n1, n2 = args.steps or default_steps
         if not (ROOT / script).exists():
             print(f"{pair}: skipped: {script} not present yet")
             continue
-        rates, cpu_rates, peaks, generated = ({"ours": [], "TRL": []} for _ in range(4))
-        sides = ("ours",) if pair == "online_kto" else ("ours", "TRL")  # TRL has no online KTO
+        rates, cpu_rates, peaks, generated, step_times = ({"ours": [], "TRL": []} for _ in range(5))
+        sides = ("ours",) if pair in NO_TRL else ("ours", "TRL")  # TRL has no online KTO, no PPO
         for repeat in range(args.repeats):
             for side in sides:
                 (wall1, cpu1, peak1, _), (wall2, cpu2, peak2, generation) = (
                     run_once(args, env, pair, side, steps, repeat) for steps in (n1, n2)
                 )
-                rates[side].append((n2 - n1) * workload.BATCH_SIZE / (wall2 - wall1))
-                cpu_rates[side].append((n2 - n1) * workload.BATCH_SIZE / (cpu2 - cpu1))
+                rates[side].append((n2 - n1) * per_step / (wall2 - wall1))
+                cpu_rates[side].append((n2 - n1) * per_step / (cpu2 - cpu1))
                 peaks[side].append(max(peak1, peak2))
                 print(
                     f"{pair} repeat {repeat + 1} {side:>4}: {wall1:6.1f} s for {n1} steps, "
@@ -215,15 +245,34 @@ def main():
                     f"peak RSS {peaks[side][-1]:.0f} MiB",
                     flush=True,
                 )
-                if generation:  # the N2 run's, over all its steps
+                times = {k.removeprefix("time/"): generation.pop(k) for k in list(generation) if k.startswith("time/")}
+                if generation:  # the N2 run's: ours' last step, TRL's over all its steps
                     generated[side].append(generation["generated_tokens_per_s"])
                     print(
                         f"    generation ({n2} steps): " + ", ".join(f"{k} {v:.3f}" for k, v in generation.items()),
                         flush=True,
                     )
+                if times:  # rl_ppo.py: the last step of the N2 run by phase
+                    step_times[side].append(times)
+                    print(
+                        f"    seconds of step {n2} (time/*): "
+                        + ", ".join(f"{k} {v:.3f}" for k, v in times.items())
+                        + f"; their sum {sum(times.values()):.3f}",
+                        flush=True,
+                    )
+        if step_times["ours"]:
+            mean_times = {
+                k: sum(t[k] for t in step_times["ours"]) / len(step_times["ours"]) for k in step_times["ours"][0]
+            }
+            print(
+                f"{pair} ours, seconds of the last step by phase (mean of the N2 runs): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in mean_times.items())
+                + f"; their sum {sum(mean_times.values()):.2f}",
+                flush=True,
+            )
         if len(sides) == 1:
             ours = sum(rates["ours"]) / len(rates["ours"])
-            print(f"{pair}: ours {ours:.2f} {unit}/s, {workload.BATCH_SIZE / ours:.2f} s a step (no TRL counterpart)")
+            print(f"{pair}: ours {ours:.2f} {unit}/s, {per_step / ours:.2f} s a step (no TRL counterpart)")
             continue
         (ours, theirs), (ours_cpu, theirs_cpu) = (
             [sum(r[s]) / len(r[s]) for s in ("ours", "TRL")] for r in (rates, cpu_rates)
@@ -241,11 +290,12 @@ def main():
                 f"ours/TRL {ours_generated / theirs_generated:.2f}",
                 flush=True,
             )
-    print(
-        "\n| pair | ours | TRL | ours/TRL | ours/TRL by CPU time | ours peak RSS | TRL peak RSS |"
-        "\n|---|---|---|---|---|---|---|"
-    )
-    print("\n".join(rows))
+    if rows:  # none when only pairs without TRL ran
+        print(
+            "\n| pair | ours | TRL | ours/TRL | ours/TRL by CPU time | ours peak RSS | TRL peak RSS |"
+            "\n|---|---|---|---|---|---|---|"
+        )
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
                      rejected
     sft.jsonl        the same 512 as prompt, completion (= chosen)
     pointwise.jsonl  the same 512 pairs unpaired: prompt, completion, label (chosen true, rejected false), 1024 rows
-    rm/              the online annotator of the online_dpo pair: the same Llama and tokenizer with a one-output
+    rm/              the online annotator (online_dpo, grpo, rloo, ppo): the same Llama and tokenizer with a one-output
         sequence-classification head (LlamaForSequenceClassification, num_labels=1), random init with seed 1,
         so its rewards are continuous and two samples practically never tie
 
@@ -30,7 +30,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 WORK = Path(__file__).resolve().parent / ".work"
 NUM_PAIRS, MAX_LENGTH, MAX_PROMPT_LENGTH, BATCH_SIZE = 512, 256, 128, 8  # fp32 throughout
-MAX_NEW_TOKENS, TEMPERATURE = 64, 1.0  # online_dpo: sampled responses (prompt + response <= 128 + 64 < MAX_LENGTH)
+MAX_NEW_TOKENS, TEMPERATURE = 64, 1.0  # online pairs: sampled responses (prompt + response <= 128 + 64 < MAX_LENGTH)
+NUM_SAMPLES, KL_COEF = 4, 0.05  # grpo, rloo: samples per prompt (a step: 4 prompts x 4 = 16 responses); KL weight
 VOCAB_SIZE, SEED, REWARD_MODEL_SEED = 8192, 0, 1
 ASSISTANT = "\n\nAssistant:"
 

@@ -332,10 +332,10 @@ class OnlineBatchFactory:
         for row, record in zip(rows, prompt_records):
             # the annotator gets the prompt as the data has it, not as our template renders it
             row["raw_prompt"] = record["prompt"]
-        self.prompts = BatchFactory(
+        self.prompts = BatchFactory(  # a step of prompts: one per example, or per group of samples_per_prompt
             rows,
             pad_token_id=tokenizer.pad_token_id,
-            micro_batch_size=micro_batch_size,
+            micro_batch_size=micro_batch_size // samples_per_prompt,
             gradient_accumulation_steps=gradient_accumulation_steps,
             seed=seed,
             group_by_length=group_by_length,

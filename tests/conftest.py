@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core (pytest -n 2): one thread each
+    torch.set_num_threads(1)
 HH_PATH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -69,22 +71,25 @@ def run_script(
     script: str, *args: str, nproc: int = 1, check: bool = True, env: dict | None = None, timeout: int = 300
 ):
     """Run a top-level script (under torchrun when nproc > 1) in the repo; returns the CompletedProcess."""
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    launcher = (  # --standalone: a free port, so torchrun runs of parallel test workers do not collide
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
         if nproc > 1
         else [sys.executable]
     )
-    full_env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
-        **(env or {}),
-    }
+    full_env = {**script_env(), **({"OMP_NUM_THREADS": "1"} if nproc > 1 else {}), **(env or {})}
     proc = subprocess.run(
         [*launcher, script, *args], cwd=REPO, capture_output=True, text=True, env=full_env, timeout=timeout
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def script_env() -> dict:
+    """The environment of a script the tests start: one torch thread per process when pytest-xdist runs tests in
+    parallel (one worker per core), else the machine's default."""
+    threads = "1" if os.environ.get("PYTEST_XDIST_WORKER") else os.environ.get("OMP_NUM_THREADS", "2")
+    return {**os.environ, "OMP_NUM_THREADS": threads}
 
 
 def read_metrics(output_dir) -> list[dict]:
@@ -111,7 +116,7 @@ def assert_resume_is_exact(tmp_path, script: str, *args: str, checkpoint: int, e
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
+        env={**script_env(), **(env or {})},
     )
     deadline = time.time() + 240
     while not (killed / f"checkpoint-{checkpoint}").exists() and time.time() < deadline and proc.poll() is None:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from common.model import load_causal_lm, load_tokenizer, response_logps
-from conftest import REPO, read_metrics, run_script
+from conftest import REPO, read_metrics, run_script, script_env
 
 FAST = [
     "--max_steps",
@@ -124,6 +124,7 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path):
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=script_env(),
     )
     deadline = time.time() + 120
     while not (killed / "checkpoint-30").exists() and time.time() < deadline and proc.poll() is None:
