@@ -212,8 +212,6 @@ def check_args(args: Args):
     require(0 <= args.label_smoothing <= 0.5, "label_smoothing", args.label_smoothing, "must be in [0, 0.5]")
     if args.loss_type == "ipo":
         require(args.label_smoothing == 0, "label_smoothing", args.label_smoothing, "applies to the sigmoid loss only")
-    if args.online and args.annotator == "toy" and args.dataset != "toy":
-        fail("--annotator toy scores only the toy task; choose an annotator for this dataset (see --help)")
     if args.reweighter == "confidence" and not args.online:
         fail("--reweighter confidence weighs pairs by the annotator's probability, which only --online pairs have")
 

@@ -231,8 +231,6 @@ def check_args(args: Args):
             )
         except ValueError:
             fail(f"--label_threshold {args.label_threshold}: must be median, mean or a number")
-    if args.online and args.annotator == "toy" and args.dataset != "toy":
-        fail("--annotator toy scores only the toy task; choose an annotator for this dataset (see --help)")
     if args.reweighter == "confidence":
         fail("--reweighter confidence weighs pairs by the annotator's probability; KTO's examples are single responses")
 

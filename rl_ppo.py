@@ -302,8 +302,6 @@ def check_args(args: Args):
     require(0 <= args.lam <= 1, "lam", args.lam, "must be in [0, 1]")
     if args.missing_eos_penalty is not None:
         require(math.isfinite(args.missing_eos_penalty), "missing_eos_penalty", args.missing_eos_penalty, "finite")
-    if args.annotator == "toy" and args.dataset != "toy":
-        fail("--annotator toy scores only the toy task; choose an annotator for this dataset (see --help)")
     if args.reweighter == "confidence":
         fail("--reweighter confidence weighs pairs by the annotator's probability; PPO's samples are scored singly")
     if args.critic != "auto" and args.estimator != "gae":

@@ -34,8 +34,10 @@ def check_shared_args(args):
 
 
 def check_online_args(args):
-    """--generation.* and --judge.* of the online scripts."""
+    """--annotator, --generation.* and --judge.* of the online scripts (and rl_ppo.py)."""
     generation, judge = args.generation, args.judge
+    if args.annotator == "toy" and args.dataset != "toy":
+        fail("--annotator toy scores only the toy task; choose an annotator for this dataset (see --help)")
     require(
         generation.max_new_tokens >= 1, "generation.max_new_tokens", generation.max_new_tokens, "must be at least 1"
     )
