@@ -98,9 +98,19 @@ def read_metrics(output_dir) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def sft_model(tmp_path_factory):
-    """`python sft.py` with its toy defaults, run once: the starting point of the alignment tests."""
-    output_dir = tmp_path_factory.mktemp("sft")
-    run_script("sft.py", "--output_dir", str(output_dir))
+    """`python sft.py` with its toy defaults, run once: the starting point of the alignment tests. Under pytest-xdist
+    the workers share one run (the first to need it trains it, under a lock, in the session's common folder)."""
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        output_dir = tmp_path_factory.mktemp("sft")
+        run_script("sft.py", "--output_dir", str(output_dir))
+        return output_dir
+    shared = tmp_path_factory.getbasetemp().parent  # this session's folder, above each worker's own
+    output_dir = shared / "sft"
+    with FileLock(str(shared / "sft.lock")):
+        if not (output_dir / "model.safetensors").exists():
+            run_script("sft.py", "--output_dir", str(output_dir))
     return output_dir
 
 
