@@ -29,8 +29,8 @@ samples stay together in every micro-batch and share one forward of their prompt
 
     python sft.py --output_dir runs/sft && python rl_ppo.py --model_name_or_path runs/sft
     python rl_ppo.py --model_name_or_path runs/sft --estimator grpo
-    python reward_model.py --output_dir runs/rm && python rl_ppo.py --model_name_or_path runs/sft \\
-        --annotator reward_model:runs/rm
+    python reward_model.py --model_name_or_path runs/sft --output_dir runs/rm && python rl_ppo.py \\
+        --model_name_or_path runs/sft --annotator reward_model:runs/rm --kl_coef 1.0
     torchrun --nproc_per_node 8 rl_ppo.py --model_name_or_path runs/sft-hh --dataset hh \\
         --annotator reward_model:runs/rm-hh --generation.max_new_tokens 256 --learning_rate 3e-6
 
@@ -157,7 +157,9 @@ class Args:
     vf_coef: float = 0.1
     """weight of the value loss"""
     kl_coef: float = 0.05
-    """weight of the KL to the reference (in the reward for gae and rloo; in the loss, as k3, for grpo, dr_grpo)"""
+    """weight of the KL to the reference (in the reward for gae and rloo; in the loss, as k3, for grpo, dr_grpo). It
+    is in the scores' units: scale it with their spread (objective/scores_std; the toy reward's is about 0.25, the toy
+    reward model's about 4.5, which needs about 1.0 where the toy reward takes the default)"""
     gamma: float = 1.0
     """discount"""
     lam: float = 0.95
@@ -315,6 +317,7 @@ def main(args: Args):
     _, world_size, device = init_distributed(args.seed)
     run_id = claim_output_dir(args.output_dir, args.resume, args.overwrite)  # before any work, so it fails fast
     k, micro_batch_size = args.num_samples, args.per_device_batch_size
+    single_pass = args.estimator in ("grpo", "dr_grpo") and args.num_ppo_epochs == args.num_minibatches == 1
     minibatch_size = micro_batch_size * args.gradient_accumulation_steps  # responses per process
     rollout_size = minibatch_size * args.num_minibatches
     print0(
@@ -399,17 +402,20 @@ def main(args: Args):
         if args.missing_eos_penalty is not None:  # departure 1
             scores = torch.where(contains_eos, scores, args.missing_eos_penalty)
 
-        # 2. the rollout's log-probs under the policy and the reference, and the critic's values, without gradient
+        # 2. the rollout's log-probs under the policy and the reference, and the critic's values, without gradient;
+        # where the update is one pass of one minibatch, its forward is the rollout policy's own (ratio 1), so grpo
+        # and dr_grpo, whose advantages need no log-probs, take theirs from it (step 4) instead of running it twice
         forwards = defaultdict(list)
         with torch.no_grad():
             for start in range(0, rollout_size, micro_batch_size):
                 mb = select(rollout, torch.arange(start, start + micro_batch_size, device=device), k)
                 inputs = mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"]
-                tick = time.perf_counter()
-                logprobs, entropy = shared_prompt_logps(policy, *inputs, temperature, with_entropy=True)
-                forwards["logprobs"].append(logprobs)
-                forwards["entropy"].append(entropy)
-                seconds["policy"] += time.perf_counter() - tick
+                if not single_pass:
+                    tick = time.perf_counter()
+                    logprobs, stats = shared_prompt_logps(policy, *inputs, temperature, with_stats=True)
+                    forwards["logprobs"].append(logprobs)
+                    forwards["entropy"].append(stats["entropy"])
+                    seconds["policy"] += time.perf_counter() - tick
                 tick = time.perf_counter()
                 forwards["ref_logprobs"].append(shared_prompt_logps(reference, *inputs, temperature))
                 seconds["reference"] += time.perf_counter() - tick
@@ -420,12 +426,14 @@ def main(args: Args):
         width = response_mask.shape[1]  # micro-batches are cut to their own longest response: pad back to (N, Tr)
         for key, parts in forwards.items():
             rollout[key] = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+        if single_pass:  # filled in by the update
+            rollout["logprobs"], rollout["entropy"] = torch.zeros(2, *response_mask.shape, device=device)
         logprobs, ref_logprobs = rollout["logprobs"], rollout["ref_logprobs"]
         values = rollout.get("values", torch.zeros_like(logprobs))
 
         # 3. advantages
-        kl = logprobs - ref_logprobs  # (N, Tr), zero at padding
         trained_tokens = response_mask * (weights > 0)[:, None]  # padded-in rows count nowhere
+        kl = logprobs - ref_logprobs  # (N, Tr), zero at padding
         if args.estimator == "gae":
             rewards = -args.kl_coef * kl
             rewards[torch.arange(len(rewards)), lengths - 1] += scores  # the score on the last token (departure 1)
@@ -452,10 +460,17 @@ def main(args: Args):
                     last = a == args.gradient_accumulation_steps - 1
                     for model in trained.values():
                         model.set_requires_gradient_sync(last)  # reduce gradients once per optimizer step
-                    mb = select(rollout, rows[a * micro_batch_size : (a + 1) * micro_batch_size], k)
+                    micro_rows = rows[a * micro_batch_size : (a + 1) * micro_batch_size]
+                    mb = select(rollout, micro_rows, k)
                     inputs = mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"]
                     mask, w = mb["response_mask"], mb["weights"][:, None]
-                    new_logprobs = shared_prompt_logps(policy, *inputs, temperature)  # (n, Tr)
+                    if single_pass:  # the rollout's log-probs are these (step 2)
+                        new_logprobs, stats = shared_prompt_logps(policy, *inputs, temperature, with_stats=True)
+                        mb["logprobs"] = new_logprobs.detach()
+                        rollout["logprobs"][micro_rows, : mask.shape[1]] = mb["logprobs"]
+                        rollout["entropy"][micro_rows, : mask.shape[1]] = stats["entropy"]
+                    else:
+                        new_logprobs = shared_prompt_logps(policy, *inputs, temperature)  # (n, Tr)
                     logratio = (new_logprobs - mb["logprobs"]) * mask
                     ratio = torch.exp(logratio)
                     pg_losses = policy_losses(mb["advantages"], ratio, args.cliprange)
@@ -509,7 +524,7 @@ def main(args: Args):
             sums |= {
                 "objective/scores": (scores * scored).sum(),
                 "objective/scores_squared": (scores**2 * scored).sum(),
-                "objective/kl": (kl.sum(-1) * scored).sum(),  # sequence KL to the reference
+                "objective/kl": ((rollout["logprobs"] - ref_logprobs).sum(-1) * scored).sum(),  # sequence KL to the ref
                 "objective/entropy": (rollout["entropy"] * trained_tokens).sum(),
                 "num_scored": scored.sum(),
                 "num_trained_tokens": trained_tokens.sum(),

@@ -69,14 +69,20 @@ def load_causal_lm(model_name_or_path: str, tokenizer, device: torch.device, gra
     return model
 
 
-def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
+def response_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, with_stats=False
+):
     """log pi(y_t | x, y_<t) for every response token: (B, K) tensor, zero outside the response, and the
     (B, K) response mask, where K counts positions from the batch's first response token on. The LM head
-    runs only on the positions that predict those tokens, not on the prompts."""
+    runs only on the positions that predict those tokens, not on the prompts. with_stats: also `position_stats`."""
     first = max(int(response_mask.float().argmax(-1).min()), 1)  # earliest response token in the batch
     predicting = torch.arange(first - 1, input_ids.shape[1] - 1, device=input_ids.device)  # positions first-1 .. T-2
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=predicting).logits  # (B, K, V)
-    return token_logps(logits, input_ids[:, first:]) * response_mask[:, first:], response_mask[:, first:]
+    mask = response_mask[:, first:]
+    logps = token_logps(logits, input_ids[:, first:]) * mask
+    if not with_stats:
+        return logps, mask
+    return logps, mask, {key: value * mask for key, value in position_stats(logits).items()}
 
 
 def shared_prompt_logps(
@@ -86,15 +92,15 @@ def shared_prompt_logps(
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
     temperature: float = 1.0,
-    with_entropy: bool = False,
+    with_stats: bool = False,
 ):
     """log pi(y_t | x, y_<t) for every response token of several responses per prompt: (N, Tr), zero at padding.
     prompt_ids (B, Tp) left-padded; response_ids (N, Tr) right-padded, N = n * B, with prompt i's n responses
     at rows i*n .. i*n + n - 1 (common.batch.interleave_responses). The prompt runs once and its KV cache
     serves its n responses, so a pair costs P + 2R tokens of compute instead of 2(P + R) (prefix sharing).
     Gradient checkpointing keeps no cache: then each response runs after its own copy of the prompt.
-    With a temperature, of the distribution sampled from (logits / temperature); with_entropy, also each
-    position's entropy of that distribution, (N, Tr), without gradient."""
+    With a temperature, of the distribution sampled from (logits / temperature); with_stats, also `position_stats`
+    of that distribution at each response token, without gradient."""
     n, (num_prompt, num_response) = (
         response_ids.shape[0] // prompt_ids.shape[0],
         (prompt_ids.shape[1], response_ids.shape[1]),
@@ -105,13 +111,9 @@ def shared_prompt_logps(
     ).repeat_interleave(n, 0)
     attention_mask = torch.cat([prompt_mask.repeat_interleave(n, 0), response_mask], 1)  # (N, Tp + Tr)
 
-    def score(logits, labels):  # (log-probs, entropies) of labels under logits / temperature, (N, K) each
+    def score(logits, labels):  # (log-probs (N, K), stats) of labels under logits / temperature
         logits = logits / temperature if temperature != 1.0 else logits
-        if not with_entropy:
-            return token_logps(logits, labels), None
-        with torch.no_grad():
-            entropy = torch.logsumexp(logits.float(), -1) - (torch.softmax(logits.float(), -1) * logits).sum(-1)
-        return token_logps(logits, labels), entropy
+        return token_logps(logits, labels), position_stats(logits) if with_stats else None
 
     if any(getattr(layer, "gradient_checkpointing", False) for layer in model.model.layers):  # the layers' own switch
         logits = model(
@@ -120,7 +122,7 @@ def shared_prompt_logps(
             position_ids=torch.cat([positions.repeat_interleave(n, 0), response_positions], 1),
             logits_to_keep=torch.arange(num_prompt - 1, num_prompt + num_response - 1, device=prompt_ids.device),
         ).logits
-        logps, entropy = score(logits, response_ids)
+        logps, stats = score(logits, response_ids)
     else:
         cache = DynamicCache()
         first = model(
@@ -144,10 +146,21 @@ def shared_prompt_logps(
         ).logits  # (N, Tr - 1, V)
         scored = score(first.repeat_interleave(n, 0), response_ids[:, :1]), score(rest, response_ids[:, 1:])
         logps = torch.cat([scored[0][0], scored[1][0]], 1)
-        entropy = torch.cat([scored[0][1], scored[1][1]], 1) if with_entropy else None
-    if not with_entropy:
+        stats = (
+            {key: torch.cat([scored[0][1][key], scored[1][1][key]], 1) for key in scored[0][1]} if with_stats else None
+        )
+    if not with_stats:
         return logps * response_mask
-    return logps * response_mask, entropy * response_mask
+    return logps * response_mask, {key: value * response_mask for key, value in stats.items()}
+
+
+@torch.no_grad()
+def position_stats(logits: torch.Tensor) -> dict:
+    """Of the distribution p = softmax(logits) at each position, (..., V) -> (...) each, in fp32:
+    entropy = -sum_v p_v log p_v, and log_p2 = log sum_v p_v^2 (the probability that two samples agree: WPO's
+    normaliser, common/reweight.py)."""
+    logps = torch.log_softmax(logits.float(), -1)
+    return {"entropy": -(logps.exp() * logps).sum(-1), "log_p2": torch.logsumexp(2 * logps, -1)}
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ Everything is deterministic in its seed and needs no network: a character tokeni
 common/toy_tokenizer/ and a ~0.9M-parameter Llama made from `toy_config`.
 """
 
+import functools
 import random
 import time
 from pathlib import Path
@@ -63,7 +64,8 @@ def rho_response(prompt: str, rng: random.Random) -> str:
     return "".join(letters)
 
 
-def prompts(split: str) -> list[str]:
+@functools.cache
+def prompts(split: str) -> tuple[str, ...]:
     """Distinct prompts; the test prompts never occur in the train split."""
     seen = set() if split == "train" else set(prompts("train"))
     rng, out = random.Random(SPLIT_SEEDS[split]), []
@@ -72,7 +74,7 @@ def prompts(split: str) -> list[str]:
         if prompt not in seen:
             seen.add(prompt)
             out.append(prompt)
-    return out
+    return tuple(out)
 
 
 def records(split: str, kind: str) -> list[dict]:

@@ -73,16 +73,23 @@ def test_clipped_losses_by_hand():
     torch.testing.assert_close(losses, torch.tensor([0.405, 0.32, 1.125]))
 
 
-def test_first_update_has_ratio_one(sft_model, tmp_path):
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_first_update_has_ratio_one(sft_model, tmp_path, estimator):
     """The N+ details' sanity check: the first minibatch of the first epoch sees the policy that sampled the rollout,
-    so ratio 1, approx KL 0 and clip fraction 0; a second epoch does not (the check can fail)."""
-    common = [*FAST, "--max_steps", "1", "--warmup_steps", "0", "--num_minibatches", "1", "--model_name_or_path"]
-    run_script("rl_ppo.py", *common, str(sft_model), "--num_ppo_epochs", "1", "--output_dir", str(tmp_path / "a"))
+    so ratio 1, approx KL 0 and clip fraction 0; a second epoch does not (the check can fail). grpo with one pass
+    takes the rollout's log-probs from the update's forward: the rollout's KL and entropy are those of the run that
+    computes them before the update (the same samples; kl 0, as the policy is still the reference)."""
+    common = [*FAST, "--max_steps", "1", "--warmup_steps", "0", "--num_minibatches", "1", "--estimator", estimator]
+    common += ["--model_name_or_path", str(sft_model)]
+    run_script("rl_ppo.py", *common, "--num_ppo_epochs", "1", "--output_dir", str(tmp_path / "a"))
     first = read_metrics(tmp_path / "a")[-1]
     assert abs(first["policy/ratio"] - 1) < 1e-6 and first["policy/approx_kl"] < 1e-9, first
     assert first["policy/clip_fraction"] == 0
-    run_script("rl_ppo.py", *common, str(sft_model), "--num_ppo_epochs", "3", "--output_dir", str(tmp_path / "b"))
-    assert read_metrics(tmp_path / "b")[-1]["policy/approx_kl"] > 1e-6
+    run_script("rl_ppo.py", *common, "--num_ppo_epochs", "3", "--output_dir", str(tmp_path / "b"))
+    second = read_metrics(tmp_path / "b")[-1]
+    assert second["policy/approx_kl"] > 1e-6
+    for name in ("objective/scores", "objective/kl", "objective/entropy"):
+        assert first[name] == pytest.approx(second[name], rel=1e-5, abs=1e-6), name
 
 
 def test_missing_eos_penalty(sft_model, tmp_path):
