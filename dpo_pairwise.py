@@ -71,7 +71,7 @@ from common.distributed import (
 from common.flags import check_shared_args, require
 from common.generation import GenerationArgs
 from common.model import add_reference_logps, load_causal_lm, load_tokenizer, shared_prompt_logps
-from common.reweight import make_reweighter
+from common.reweight import make_reweighter, self_normalise
 
 
 @dataclass
@@ -102,7 +102,8 @@ class Args:
     model_name_or_path: str = "toy"
     """hub id or local path of the causal LM to start from (to align: an SFT model); `toy`: the embedded tiny Llama"""
     dataset: str = "toy"
-    """toy, hh, shp, ultrafeedback, a hub id, or a local .jsonl/.json/.parquet/.csv file"""
+    """toy (toy_shifted: its data from a noisier rho), hh, shp, ultrafeedback, a hub id, or a local
+    .jsonl/.json/.parquet/.csv file"""
     dataset_split: str = "train"
     """split to train on"""
     eval_dataset: str | None = None
@@ -117,7 +118,9 @@ class Args:
     """batch examples of similar length together (less padding); the order of batches stays random"""
     reweighter: str = "none"
     """how much each example counts: none (the data's weights), confidence (online pairs: |2p - 1|, p the annotator's
-    probability that generation1 is better), or python:MODULE:FUNCTION (common/reweight.py)"""
+    probability that generation1 is better), policy (WPO: the responses' probability under the policy),
+    importance:PATH (pi / rho against the model PATH that wrote the data; offline), or python:MODULE:FUNCTION
+    (common/reweight.py)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
 
@@ -173,13 +176,16 @@ def dpo_loss(logits, beta, loss_type, label_smoothing):
     return -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
 
 
-def pair_logps(model, batch):
+def pair_logps(model, batch, with_stats=False):
     """log pi(y|x) of both generations of every pair, (B, 2): summed over response tokens (IPO divides by
-    `pair_lengths`), each prompt run once for both responses."""
-    token_logps = shared_prompt_logps(
-        model, batch["prompt_token_ids"], batch["prompt_attention_mask"], *interleave_responses(batch)
-    )  # (2B, Tr): a pair's rows adjacent
-    return token_logps.sum(-1).view(-1, 2)
+    `pair_lengths`), each prompt run once for both responses; and, with_stats, the per-token view that a
+    reweighter of the policy reads (common/reweight.py), else None."""
+    response_ids, response_mask = interleave_responses(batch)  # (2B, Tr): a pair's rows adjacent
+    inputs = batch["prompt_token_ids"], batch["prompt_attention_mask"], response_ids, response_mask
+    if not with_stats:
+        return shared_prompt_logps(model, *inputs).sum(-1).view(-1, 2), None
+    token_logps, stats = shared_prompt_logps(model, *inputs, with_stats=True)
+    return token_logps.sum(-1).view(-1, 2), {"logps": token_logps, "log_p2": stats["log_p2"], "mask": response_mask}
 
 
 def pair_lengths(batch):
@@ -232,6 +238,7 @@ def main(args: Args):
 
     tokenizer = load_tokenizer(args.model_name_or_path)
     reweighter = make_reweighter(args.reweighter)
+    sees_policy = reweighter is not None and reweighter.sees_policy
     # data first: bad data fails before a model loads; online, the dataset's prompts only
     records = load_records(args.dataset, args.dataset_split, "prompt" if args.online else "pairwise")
     annotator = make_annotator(args.annotator, device, args.judge) if args.online else None
@@ -253,7 +260,7 @@ def main(args: Args):
             seed=args.seed,
             group_by_length=args.group_by_length,
             reweighter=reweighter,
-            sample_reward=toy.true_reward if args.dataset == "toy" else None,
+            sample_reward=toy.true_reward if toy.is_toy(args.dataset) else None,
         )
     else:
         factory = BatchFactory(
@@ -272,6 +279,8 @@ def main(args: Args):
             eval_rows = tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length)
             # equal shares: FSDP forwards are collectives
             eval_rows = eval_rows[: len(eval_rows) // world_size * world_size]
+        if reweighter is not None and reweighter.behaviour_path:  # importance: rho's log-probs, once
+            reweighter.prepare(factory.rows_until(args.max_steps), tokenizer, device, args.per_device_batch_size)
 
     # where the reference log-probs of a batch's pairs, (B, 2), come from: chosen here, once. The reference is the
     # initial policy, loaded again (so --resume gets it too) and frozen.
@@ -295,17 +304,17 @@ def main(args: Args):
 
         def reference_pair_logps(batch):
             with torch.no_grad():
-                return pair_logps(reference, batch)
+                return pair_logps(reference, batch)[0]
 
     eval_batches = shard_batches(eval_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
-    toy_batch = toy.eval_batch(tokenizer, args.num_eval_prompts, device) if args.dataset == "toy" else None
+    toy_batch = toy.eval_batch(tokenizer, args.num_eval_prompts, device) if toy.is_toy(args.dataset) else None
 
     @torch.no_grad()
     def evaluate() -> dict:
         """eval/loss (unweighted) and eval/rewards/* over held-out pairs; on toy, eval/reward (samples' true reward)."""
         metrics, sums = {}, defaultdict(float)
         for batch in eval_batches:
-            policy_logps, reference_logps = pair_logps(policy, batch), reference_pair_logps(batch)
+            policy_logps, reference_logps = pair_logps(policy, batch)[0], reference_pair_logps(batch)
             if args.loss_type == "ipo":
                 policy_logps = policy_logps / pair_lengths(batch)
                 reference_logps = reference_logps / pair_lengths(batch)
@@ -347,13 +356,16 @@ def main(args: Args):
         for i, batch in enumerate(batches):
             policy.set_requires_gradient_sync(i == len(batches) - 1)  # reduce gradients once per step
             # 2. forward: log-probs of both responses of each pair, (B, 2), then oriented into chosen and rejected
-            policy_logps, reference_logps = pair_logps(policy, batch), reference_pair_logps(batch)
+            policy_logps, seen = pair_logps(policy, batch, with_stats=sees_policy)
+            reference_logps = reference_pair_logps(batch)
             if args.loss_type == "ipo":  # IPO compares per-token averages, so beta does not depend on response length
                 policy_logps = policy_logps / pair_lengths(batch)
                 reference_logps = reference_logps / pair_lengths(batch)
             policy_chosen_logps, policy_rejected_logps = chosen_rejected(policy_logps, batch)
             reference_chosen_logps, reference_rejected_logps = chosen_rejected(reference_logps, batch)
             weights = (batch["generation1_weight"] + batch["generation2_weight"]) / 2  # (B,), departure 2
+            if sees_policy:  # factors from this forward (WPO, importance weights), constants to the loss
+                weights = reweighter.reweigh(batch, seen, weights)
 
             # 3. loss: weighted losses summed over this micro-batch, divided by the global pair count; the
             # micro-batches add up to this process's share of the global mean, and FSDP averages gradients
@@ -375,7 +387,8 @@ def main(args: Args):
                 sums["rewards/accuracies"] += (chosen_rewards > rejected_rewards).float().sum()
                 sums["logps/chosen"] += policy_chosen_logps.sum()
                 sums["logps/rejected"] += policy_rejected_logps.sum()
-        # 4. step
+        # 4. step (importance weights: every factor over the step's mean factor, all micro-batches and processes)
+        sums["train/loss"] /= self_normalise(reweighter, policy)
         grad_norm = clip_grad_norm(policy, args.max_grad_norm)
         optimizer.step()
         scheduler.step()

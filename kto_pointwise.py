@@ -69,7 +69,7 @@ from common.distributed import (
 from common.flags import check_shared_args, require
 from common.generation import GenerationArgs
 from common.model import add_reference_logps, load_causal_lm, load_tokenizer, shared_prompt_logps
-from common.reweight import make_reweighter
+from common.reweight import make_reweighter, self_normalise
 
 
 @dataclass
@@ -100,7 +100,8 @@ class Args:
     model_name_or_path: str = "toy"
     """hub id or local path of the causal LM to start from (to align: an SFT model); `toy`: the embedded tiny Llama"""
     dataset: str = "toy"
-    """toy, hh, shp, ultrafeedback, a hub id, or a local .jsonl/.json/.parquet/.csv file"""
+    """toy (toy_shifted: its data from a noisier rho), hh, shp, ultrafeedback, a hub id, or a local
+    .jsonl/.json/.parquet/.csv file"""
     dataset_split: str = "train"
     """split to train on"""
     eval_dataset: str | None = None
@@ -114,8 +115,9 @@ class Args:
     group_by_length: bool = True
     """batch examples of similar length together (less padding); the order of batches stays random"""
     reweighter: str = "none"
-    """how much each example counts: none (the data's weights), confidence (online pairs: |2p - 1|, p the annotator's
-    probability that generation1 is better), or python:MODULE:FUNCTION (common/reweight.py)"""
+    """how much each example counts: none (the data's weights), policy (WPO: the response's probability under the
+    policy), importance:PATH (pi / rho against the model PATH that wrote the data; offline), or python:MODULE:FUNCTION
+    (common/reweight.py)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
 
@@ -173,17 +175,20 @@ def kto_loss(rewards, z_ref, desirable, beta, desirable_weight, undesirable_weig
     return torch.where(desirable, desirable_weight - v_desirable, undesirable_weight - v_undesirable)
 
 
-def sequence_logps(model, batch, response_ids=None, response_mask=None):
+def sequence_logps(model, batch, response_ids=None, response_mask=None, with_stats=False):
     """log pi(y|x) of each example, (B,), summed over the response's tokens; with response_ids, of those responses
-    to the batch's prompts instead (the mismatched pairs)."""
+    to the batch's prompts instead (the mismatched pairs). with_stats: also the per-token view that a reweighter of
+    the policy reads (common/reweight.py)."""
     if response_ids is None:
         response_ids, response_mask = (
             batch["generation1_response_token_ids"],
             batch["generation1_response_attention_mask"],
         )
-    return shared_prompt_logps(
-        model, batch["prompt_token_ids"], batch["prompt_attention_mask"], response_ids, response_mask
-    ).sum(-1)
+    inputs = batch["prompt_token_ids"], batch["prompt_attention_mask"], response_ids, response_mask
+    if not with_stats:
+        return shared_prompt_logps(model, *inputs).sum(-1)
+    token_logps, stats = shared_prompt_logps(model, *inputs, with_stats=True)
+    return token_logps.sum(-1), {"logps": token_logps, "log_p2": stats["log_p2"], "mask": response_mask}
 
 
 def mismatched_responses(batches, pad_token_id):
@@ -254,6 +259,7 @@ def main(args: Args):
 
     tokenizer = load_tokenizer(args.model_name_or_path)
     reweighter = make_reweighter(args.reweighter)
+    sees_policy = reweighter is not None and reweighter.sees_policy
     # data first: bad data fails before a model loads; online, the dataset's prompts only
     records = load_records(args.dataset, args.dataset_split, "prompt" if args.online else "pointwise")
     annotator = make_annotator(args.annotator, device, args.judge) if args.online else None
@@ -275,7 +281,7 @@ def main(args: Args):
             seed=args.seed,
             group_by_length=args.group_by_length,
             reweighter=reweighter,
-            sample_reward=toy.true_reward if args.dataset == "toy" else None,
+            sample_reward=toy.true_reward if toy.is_toy(args.dataset) else None,
         )
     else:
         rows = tokenize_records(records, tokenizer, args.max_length, args.max_prompt_length)
@@ -307,6 +313,8 @@ def main(args: Args):
             eval_rows = tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length)
             # equal shares: FSDP forwards are collectives
             eval_rows = eval_rows[: len(eval_rows) // world_size * world_size]
+        if reweighter is not None and reweighter.behaviour_path:  # importance: rho's log-probs, once
+            reweighter.prepare(factory.rows_until(args.max_steps), tokenizer, device, args.per_device_batch_size)
 
     # where the reference log-probs come from, chosen here, once: computed before training for the examples and
     # their mismatched pairs (offline), or the reference model on each step's samples (online). The reference is
@@ -344,7 +352,7 @@ def main(args: Args):
                 return sequence_logps(reference, batch, response_ids, response_mask)
 
     eval_batches = shard_batches(eval_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
-    toy_batch = toy.eval_batch(tokenizer, args.num_eval_prompts, device) if args.dataset == "toy" else None
+    toy_batch = toy.eval_batch(tokenizer, args.num_eval_prompts, device) if toy.is_toy(args.dataset) else None
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -411,11 +419,12 @@ def main(args: Args):
         for i, batch in enumerate(batches):
             policy.set_requires_gradient_sync(i == len(batches) - 1)  # reduce gradients once per step
             # 3. forward: log-probs of each example's response, (B,)
-            policy_logps, desirable, weights = (
-                sequence_logps(policy, batch),
-                batch["desirable"],
-                batch["generation1_weight"],
-            )
+            desirable, weights = batch["desirable"], batch["generation1_weight"]
+            if sees_policy:  # factors from this forward (WPO, importance weights), constants to the loss
+                policy_logps, seen = sequence_logps(policy, batch, with_stats=True)
+                weights = reweighter.reweigh(batch, seen, weights)
+            else:
+                policy_logps = sequence_logps(policy, batch)
 
             # 4. loss: weighted losses summed over this micro-batch, divided by the global example count; the
             # micro-batches add up to this process's share of the global mean, and FSDP averages gradients
@@ -434,7 +443,8 @@ def main(args: Args):
                 sums["logps/undesirable"] += (policy_logps * counted_undesirable).sum()
                 sums["num_desirable"] += counted_desirable.sum()
                 sums["num_undesirable"] += counted_undesirable.sum()
-        # 5. step
+        # 5. step (importance weights: every factor over the step's mean factor, all micro-batches and processes)
+        sums["train/loss"] /= self_normalise(reweighter, policy)
         grad_norm = clip_grad_norm(policy, args.max_grad_norm)
         optimizer.step()
         scheduler.step()

@@ -41,6 +41,7 @@ from common.distributed import (
     claim_output_dir,
     cleanup,
     clip_grad_norm,
+    fail,
     init_distributed,
     is_main,
     load_checkpoint,
@@ -83,7 +84,8 @@ class Args:
     model_name_or_path: str = "toy"
     """hub id or local path of the causal LM to start from (to align: an SFT model); `toy`: the embedded tiny Llama"""
     dataset: str = "toy"
-    """toy, hh, shp, ultrafeedback, a hub id, or a local .jsonl/.json/.parquet/.csv file"""
+    """toy (toy_shifted: its data from a noisier rho), hh, shp, ultrafeedback, a hub id, or a local
+    .jsonl/.json/.parquet/.csv file"""
     dataset_split: str = "train"
     """split to train on"""
     eval_dataset: str | None = None
@@ -97,8 +99,8 @@ class Args:
     group_by_length: bool = True
     """batch examples of similar length together (less padding); the order of batches stays random"""
     reweighter: str = "none"
-    """how much each example counts: none (the data's weights), confidence (online pairs: |2p - 1|, p the annotator's
-    probability that generation1 is better), or python:MODULE:FUNCTION (common/reweight.py)"""
+    """how much each example counts: none (the data's weights), or python:MODULE:FUNCTION of the rows
+    (common/reweight.py)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
 
@@ -157,6 +159,9 @@ def check_args(args: Args):
 
 def main(args: Args):
     check_args(args)
+    reweighter = make_reweighter(args.reweighter)
+    if reweighter is not None and reweighter.sees_policy:
+        fail(f"--reweighter {args.reweighter} weighs responses by a policy's log-probs; a reward model has no policy")
     _, world_size, device = init_distributed(args.seed)
     run_id = claim_output_dir(args.output_dir, args.resume, args.overwrite)  # before any work, so it fails fast
     global_batch_size = args.per_device_batch_size * args.gradient_accumulation_steps * world_size
@@ -178,7 +183,7 @@ def main(args: Args):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         seed=args.seed,
         group_by_length=args.group_by_length,
-        reweighter=make_reweighter(args.reweighter),
+        reweighter=reweighter,
     )
     eval_records = load_eval_records(
         args.dataset, args.eval_dataset, args.eval_split, "pairwise", args.num_eval_examples
@@ -267,8 +272,8 @@ def main(args: Args):
                 "train/tokens_per_s": num_tokens / elapsed,
                 "train/pairs_per_s": num_pairs / elapsed,
             }
-            if factory.reweighter is not None:
-                metrics |= factory.reweighter.metrics(sum_over_processes(factory.reweighter.stats))
+            if reweighter is not None:
+                metrics |= reweighter.metrics(sum_over_processes(reweighter.stats))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
             eval_metrics = evaluate(eval_batches)
             metrics |= eval_metrics

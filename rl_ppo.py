@@ -109,7 +109,8 @@ class Args:
     model_name_or_path: str = "toy"
     """hub id or local path of the causal LM to start from (to align: an SFT model); `toy`: the embedded tiny Llama"""
     dataset: str = "toy"
-    """toy, hh, shp, ultrafeedback, a hub id, or a local .jsonl/.json/.parquet/.csv file"""
+    """toy (toy_shifted: its data from a noisier rho), hh, shp, ultrafeedback, a hub id, or a local
+    .jsonl/.json/.parquet/.csv file"""
     dataset_split: str = "train"
     """split to train on"""
     max_length: int = 512
@@ -119,8 +120,8 @@ class Args:
     group_by_length: bool = True
     """batch examples of similar length together (less padding); the order of batches stays random"""
     reweighter: str = "none"
-    """how much each example counts: none (the data's weights), confidence (online pairs: |2p - 1|, p the annotator's
-    probability that generation1 is better), or python:MODULE:FUNCTION (common/reweight.py)"""
+    """how much each response counts: none, or python:MODULE:FUNCTION, of the rows after scoring, or of each
+    micro-batch and the update's log-probs (FUNCTION(batch, policy); common/reweight.py)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
 
@@ -306,6 +307,11 @@ def check_args(args: Args):
         require(math.isfinite(args.missing_eos_penalty), "missing_eos_penalty", args.missing_eos_penalty, "finite")
     if args.reweighter == "confidence":
         fail("--reweighter confidence weighs pairs by the annotator's probability; PPO's samples are scored singly")
+    if args.reweighter == "policy":
+        fail(
+            "--reweighter policy (WPO) counters the shift of offline data; PPO's samples are the policy's own. "
+            "A function of the update's log-probs: --reweighter python:MODULE:FUNCTION(batch, policy)"
+        )
     if args.critic != "auto" and args.estimator != "gae":
         fail(f"--critic: --estimator {args.estimator} has no critic (its baseline comes from the group)")
 
@@ -317,6 +323,8 @@ def main(args: Args):
     _, world_size, device = init_distributed(args.seed)
     run_id = claim_output_dir(args.output_dir, args.resume, args.overwrite)  # before any work, so it fails fast
     k, micro_batch_size = args.num_samples, args.per_device_batch_size
+    reweighter = make_reweighter(args.reweighter)
+    sees_policy = reweighter is not None and reweighter.sees_policy
     single_pass = args.estimator in ("grpo", "dr_grpo") and args.num_ppo_epochs == args.num_minibatches == 1
     minibatch_size = micro_batch_size * args.gradient_accumulation_steps  # responses per process
     rollout_size = minibatch_size * args.num_minibatches
@@ -328,7 +336,6 @@ def main(args: Args):
     )
 
     tokenizer = load_tokenizer(args.model_name_or_path)
-    reweighter = make_reweighter(args.reweighter)
     records = load_records(args.dataset, args.dataset_split, "prompt")  # data first: bad data fails before a model
     annotator = make_annotator(args.annotator, device, args.judge)
     policy = shard_model(
@@ -355,9 +362,9 @@ def main(args: Args):
         seed=args.seed,
         group_by_length=args.group_by_length,
         reweighter=reweighter,
-        sample_reward=toy.true_reward if args.dataset == "toy" else None,
+        sample_reward=toy.true_reward if toy.is_toy(args.dataset) else None,
     )
-    toy_batch = toy.eval_batch(tokenizer, args.num_eval_prompts, device) if args.dataset == "toy" else None
+    toy_batch = toy.eval_batch(tokenizer, args.num_eval_prompts, device) if toy.is_toy(args.dataset) else None
 
     def evaluate() -> dict:
         return toy.evaluate(policy, tokenizer, toy_batch, args.num_eval_prompts, seed=args.seed) if toy_batch else {}
@@ -464,13 +471,17 @@ def main(args: Args):
                     mb = select(rollout, micro_rows, k)
                     inputs = mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"]
                     mask, w = mb["response_mask"], mb["weights"][:, None]
-                    if single_pass:  # the rollout's log-probs are these (step 2)
+                    if single_pass or sees_policy:
                         new_logprobs, stats = shared_prompt_logps(policy, *inputs, temperature, with_stats=True)
+                    else:
+                        new_logprobs = shared_prompt_logps(policy, *inputs, temperature)  # (n, Tr)
+                    if single_pass:  # the rollout's log-probs are these (step 2)
                         mb["logprobs"] = new_logprobs.detach()
                         rollout["logprobs"][micro_rows, : mask.shape[1]] = mb["logprobs"]
                         rollout["entropy"][micro_rows, : mask.shape[1]] = stats["entropy"]
-                    else:
-                        new_logprobs = shared_prompt_logps(policy, *inputs, temperature)  # (n, Tr)
+                    if sees_policy:  # python:MODULE:FUNCTION(batch, policy): factors from this forward, as constants
+                        seen = {"logps": new_logprobs, "log_p2": stats["log_p2"], "mask": mask}
+                        w = reweighter.reweigh(mb, seen, w[:, 0])[:, None]
                     logratio = (new_logprobs - mb["logprobs"]) * mask
                     ratio = torch.exp(logratio)
                     pg_losses = policy_losses(mb["advantages"], ratio, args.cliprange)
@@ -532,15 +543,12 @@ def main(args: Args):
             }
             totals, elapsed = sum_over_processes(sums), time.perf_counter() - step_start
             num_scored, updates = max(totals["num_scored"], 1), args.num_ppo_epochs * args.num_minibatches
+            mean_score = totals["objective/scores"] / num_scored
             metrics |= {
                 "train/loss": totals["train/loss"] / updates,
-                "objective/scores": totals["objective/scores"] / num_scored,
+                "objective/scores": mean_score,
                 "objective/scores_std": math.sqrt(
-                    max(
-                        totals["objective/scores_squared"] / num_scored
-                        - (totals["objective/scores"] / num_scored) ** 2,
-                        0,
-                    )
+                    max(totals["objective/scores_squared"] / num_scored - mean_score**2, 0)
                 ),
                 "objective/kl": totals["objective/kl"] / num_scored,
                 "objective/entropy": totals["objective/entropy"] / max(totals["num_trained_tokens"], 1),

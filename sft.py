@@ -43,7 +43,7 @@ from common.distributed import (
 )
 from common.flags import check_shared_args, require
 from common.model import load_causal_lm, load_tokenizer, response_logps
-from common.reweight import make_reweighter
+from common.reweight import make_reweighter, self_normalise
 
 
 @dataclass
@@ -74,7 +74,8 @@ class Args:
     model_name_or_path: str = "toy"
     """hub id or local path of the causal LM to start from (to align: an SFT model); `toy`: the embedded tiny Llama"""
     dataset: str = "toy"
-    """toy, hh, shp, ultrafeedback, a hub id, or a local .jsonl/.json/.parquet/.csv file"""
+    """toy (toy_shifted: its data from a noisier rho), hh, shp, ultrafeedback, a hub id, or a local
+    .jsonl/.json/.parquet/.csv file"""
     dataset_split: str = "train"
     """split to train on"""
     eval_dataset: str | None = None
@@ -88,8 +89,9 @@ class Args:
     group_by_length: bool = True
     """batch examples of similar length together (less padding); the order of batches stays random"""
     reweighter: str = "none"
-    """how much each example counts: none (the data's weights), confidence (online pairs: |2p - 1|, p the annotator's
-    probability that generation1 is better), or python:MODULE:FUNCTION (common/reweight.py)"""
+    """how much each example counts: none (the data's weights), policy (WPO: the response's probability under the
+    policy), importance:PATH (pi / rho against the model PATH that wrote the data), or python:MODULE:FUNCTION
+    (common/reweight.py)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
 
@@ -137,6 +139,8 @@ def main(args: Args):
     )
 
     tokenizer = load_tokenizer(args.model_name_or_path)
+    reweighter = make_reweighter(args.reweighter)
+    sees_policy = reweighter is not None and reweighter.sees_policy
     records = load_records(args.dataset, args.dataset_split, "sft")  # data first: bad data fails before a model loads
     factory = BatchFactory(
         tokenize_records(records, tokenizer, args.max_length, args.max_prompt_length),
@@ -145,8 +149,10 @@ def main(args: Args):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         seed=args.seed,
         group_by_length=args.group_by_length,
-        reweighter=make_reweighter(args.reweighter),
+        reweighter=reweighter,
     )
+    if reweighter is not None and reweighter.behaviour_path:  # importance: rho's log-probs, once
+        reweighter.prepare(factory.rows_until(args.max_steps), tokenizer, device, args.per_device_batch_size)
     eval_records = load_eval_records(args.dataset, args.eval_dataset, args.eval_split, "sft", args.num_eval_examples)
     eval_rows = (
         tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length) if eval_records else []
@@ -154,7 +160,7 @@ def main(args: Args):
     eval_batches = shard_batches(eval_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
     model = shard_model(load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing), device)
     print0(f"model: {args.model_name_or_path}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    toy_batch = toy.eval_batch(tokenizer, args.num_eval_prompts, device) if args.dataset == "toy" else None
+    toy_batch = toy.eval_batch(tokenizer, args.num_eval_prompts, device) if toy.is_toy(args.dataset) else None
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -194,15 +200,24 @@ def main(args: Args):
             model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce gradients once per step
             # 2. forward: log-probs of the response tokens, (B, K), zero outside the responses
             ids, mask = batch["generation1_token_ids"], batch["generation1_attention_mask"]
-            logps, _ = response_logps(model, ids, mask, batch["generation1_response_mask"])
+            weights = batch["generation1_weight"]
+            if sees_policy:  # factors from this forward (WPO, importance weights), constants to the loss
+                logps, response_mask, stats = response_logps(
+                    model, ids, mask, batch["generation1_response_mask"], with_stats=True
+                )
+                seen = {"logps": logps, "log_p2": stats["log_p2"], "mask": response_mask}
+                weights = reweighter.reweigh(batch, seen, weights)
+            else:
+                logps, _ = response_logps(model, ids, mask, batch["generation1_response_mask"])
             # 3. loss: weighted NLL summed over this micro-batch's response tokens, divided by the global
             # token count. Summing over micro-batches gives the global mean's share of this process;
             # FSDP averages gradients over processes, so * world_size makes their sum the global mean.
-            nll = -(batch["generation1_weight"][:, None] * logps).sum()
+            nll = -(weights[:, None] * logps).sum()
             loss = nll / num_response_tokens * world_size
             loss.backward()
             nll_sum += nll.detach()
-        # 4. step
+        # 4. step (importance weights: every factor over the step's mean factor, all micro-batches and processes)
+        nll_sum /= self_normalise(reweighter, model)
         grad_norm = clip_grad_norm(model, args.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -220,8 +235,8 @@ def main(args: Args):
                 "train/tokens_per_s": num_tokens / elapsed,
                 "train/examples_per_s": sum(len(b["prompt"]) for b in batches) * world_size / elapsed,
             }
-            if factory.reweighter is not None:
-                metrics |= factory.reweighter.metrics(sum_over_processes(factory.reweighter.stats))
+            if reweighter is not None:
+                metrics |= reweighter.metrics(sum_over_processes(reweighter.stats))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
             eval_metrics = evaluate()
             metrics |= eval_metrics

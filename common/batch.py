@@ -152,8 +152,9 @@ def collate(rows: list[dict], pad_token_id: int) -> dict:
         batch[f"{g}_token_ids"], batch[f"{g}_attention_mask"], batch[f"{g}_response_mask"] = ids, mask, response_mask
         batch[f"{g}_reward"] = None if None in rewards else torch.tensor(rewards, dtype=torch.float)
         batch[f"{g}_weight"] = torch.tensor([r[f"{g}_weight"] for r in rows], dtype=torch.float)
-        if f"{g}_reference_logps" in rows[0]:
-            batch[f"{g}_reference_logps"] = torch.tensor([r[f"{g}_reference_logps"] for r in rows], dtype=torch.float)
+        for name in ("reference_logps", "behaviour_logps"):  # precomputed (common.model.add_reference_logps)
+            if f"{g}_{name}" in rows[0]:
+                batch[f"{g}_{name}"] = torch.tensor([r[f"{g}_{name}"] for r in rows], dtype=torch.float)
     if "position" in rows[0]:
         batch["position"] = torch.tensor([r["position"] for r in rows])
     if "preference" in rows[0]:

@@ -82,8 +82,8 @@ HH_ASSISTANT = "\n\nAssistant:"
 
 def load_records(dataset: str, split: str, kind: str) -> list[dict]:
     """Records of `kind` from a built-in name, a local .jsonl/.json/.parquet/.csv file or a hub id."""
-    if dataset == "toy":
-        return toy.records(split, kind)
+    if toy.is_toy(dataset):
+        return toy.records(split, kind, shifted=dataset == "toy_shifted")
     table = load_table(dataset, split)
     layout = next((name for name, columns in LAYOUTS.items() if columns <= set(table.column_names)), None)
     if layout is None:
@@ -135,7 +135,7 @@ def load_table(dataset: str, split: str) -> datasets.Dataset:
         if not os.path.isfile(dataset):
             fail(
                 f"dataset file '{dataset}' does not exist "
-                f"(give a .jsonl/.json/.parquet/.csv file, a hub id or one of: toy, {', '.join(BUILTIN)})"
+                f"(give a .jsonl/.json/.parquet/.csv file, a hub id or one of: toy, toy_shifted, {', '.join(BUILTIN)})"
             )
         if ext not in FILE_BUILDERS:
             fail(f"dataset file '{dataset}' is not .jsonl, .json, .parquet or .csv (optionally .gz)")

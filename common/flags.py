@@ -2,6 +2,7 @@
 the value and what is accepted. Each script checks its own flags in its `check_args`; the flags every script shares
 (DESIGN.md's command line, and the nested --judge.* and --generation.* groups) are checked here."""
 
+from common import toy
 from common.distributed import fail
 
 
@@ -36,7 +37,12 @@ def check_shared_args(args):
 def check_online_args(args):
     """--annotator, --generation.* and --judge.* of the online scripts (and rl_ppo.py)."""
     generation, judge = args.generation, args.judge
-    if args.annotator == "toy" and args.dataset != "toy":
+    if args.reweighter.startswith("importance:"):
+        fail(
+            f"--reweighter {args.reweighter}: online samples come from the policy itself, so pi / rho is 1; "
+            "importance weights are for offline data"
+        )
+    if args.annotator == "toy" and not toy.is_toy(args.dataset):
         fail("--annotator toy scores only the toy task; choose an annotator for this dataset (see --help)")
     require(
         generation.max_new_tokens >= 1, "generation.max_new_tokens", generation.max_new_tokens, "must be at least 1"

@@ -261,10 +261,11 @@ def reward_scores(
 
 
 @torch.no_grad()
-def add_reference_logps(model, rows: list[dict], pad_token_id: int, batch_size: int):
-    """Store each response's summed log-prob under `model` in its row, as `{generation}_reference_logps`,
-    so training needs no reference model in memory. Each process scores an equal share (FSDP forwards
-    are collectives, so every process runs the same number), and a sum over processes gives everyone all."""
+def add_reference_logps(model, rows: list[dict], pad_token_id: int, batch_size: int, name: str = "reference_logps"):
+    """Store each response's summed log-prob under `model` in its row, as f"{generation}_{name}",
+    so training needs no reference model (or behaviour model, common/reweight.py) in memory. Each process scores
+    an equal share (FSDP forwards are collectives, so every process runs the same number), and a sum over processes
+    gives everyone all."""
     generations = [g for g in GENERATIONS if f"{g}_response_ids" in rows[0]]
     rank, world_size, device = dist.get_rank(), dist.get_world_size(), next(model.parameters()).device
     share = math.ceil(len(rows) / world_size)
@@ -282,4 +283,4 @@ def add_reference_logps(model, rows: list[dict], pad_token_id: int, batch_size: 
     logps = all_reduce(logps)
     for i, row in enumerate(rows):
         for k, g in enumerate(generations):
-            row[f"{g}_reference_logps"] = logps[i, k].item()
+            row[f"{g}_{name}"] = logps[i, k].item()

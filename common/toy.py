@@ -55,13 +55,21 @@ def true_reward(prompt: str, response: str) -> float:
     return hits / max(len(target), len(response))
 
 
-def rho_response(prompt: str, rng: random.Random) -> str:
-    """The imperfect reference policy: sorted, with one random adjacent pair swapped half the time."""
+def rho_response(prompt: str, rng: random.Random, shifted: bool = False) -> str:
+    """The imperfect reference policy: sorted, with one random adjacent pair swapped half the time. Shifted (the
+    toy_shifted dataset): a noisier rho than the one the SFT data came from, which swaps a pair 90% of the time,
+    then swaps another (anywhere) half the time, so a policy fitted to rho finds its responses unlikely."""
     letters = list(ideal_response(prompt))
-    if rng.random() < 0.5:
-        i = rng.randrange(len(letters) - 1)
-        letters[i], letters[i + 1] = letters[i + 1], letters[i]
+    for probability in (0.9, 0.5) if shifted else (0.5,):
+        if rng.random() < probability:
+            i = rng.randrange(len(letters) - 1)
+            letters[i], letters[i + 1] = letters[i + 1], letters[i]
     return "".join(letters)
+
+
+def is_toy(dataset: str) -> bool:
+    """toy, or toy_shifted: the toy task's prompts and true reward, with data from rho or from the noisier rho."""
+    return dataset in ("toy", "toy_shifted")
 
 
 @functools.cache
@@ -77,21 +85,22 @@ def prompts(split: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def records(split: str, kind: str) -> list[dict]:
-    """Records (common/data.py's format) for one setup kind: sft, pairwise, pointwise or prompt."""
+def records(split: str, kind: str, shifted: bool = False) -> list[dict]:
+    """Records (common/data.py's format) for one setup kind: sft, pairwise, pointwise or prompt; shifted: the
+    responses from the noisier rho (the toy_shifted dataset)."""
     rng = random.Random(SPLIT_SEEDS[split] + 100)
     out = []
     for prompt in prompts(split):
         row = {"prompt": prompt}
         if kind == "sft":  # demonstrations from rho
-            row.update(generation1=rho_response(prompt, rng))
+            row.update(generation1=rho_response(prompt, rng, shifted))
         elif kind == "pointwise":  # one rho sample, desirable when perfectly sorted
-            response = rho_response(prompt, rng)
+            response = rho_response(prompt, rng, shifted)
             row.update(generation1=response, generation1_reward=float(true_reward(prompt, response) == 1.0))
         elif kind == "pairwise":  # two rho samples with different true rewards, the better one first
-            a, b = rho_response(prompt, rng), rho_response(prompt, rng)
+            a, b = rho_response(prompt, rng, shifted), rho_response(prompt, rng, shifted)
             while true_reward(prompt, a) == true_reward(prompt, b):
-                a, b = rho_response(prompt, rng), rho_response(prompt, rng)
+                a, b = rho_response(prompt, rng, shifted), rho_response(prompt, rng, shifted)
             if true_reward(prompt, a) < true_reward(prompt, b):
                 a, b = b, a
             row.update(generation1=a, generation2=b, generation1_reward=1.0, generation2_reward=0.0)

@@ -157,6 +157,21 @@ def test_group_estimator_under_torchrun(sft_model, tmp_path):
     assert math.isfinite(metrics["train/loss"]) and metrics["online/kept_fraction"] == 1
 
 
+def test_a_function_of_the_update_log_probs_weighs_the_responses(sft_model, tmp_path):
+    """--reweighter python:M:F with F(batch, policy): called on each micro-batch of the update with its log-probs;
+    factors of 0 leave nothing to learn from (loss and gradient 0), and the factors are logged."""
+    (tmp_path / "ppo_weights.py").write_text("def f(batch, policy):\n    return 0 * policy['mask'].sum(-1)\n")
+    run_script(
+        "rl_ppo.py",
+        *FAST,
+        *("--model_name_or_path", str(sft_model), "--reweighter", "python:ppo_weights:f"),
+        *("--per_device_batch_size", "8", "--output_dir", str(tmp_path / "run")),
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    logged = [m for m in read_metrics(tmp_path / "run") if "train/loss" in m]
+    assert all(m["train/loss"] == 0 and m["train/grad_norm"] == 0 and m["reweight/mean_factor"] == 0 for m in logged)
+
+
 def test_resume_after_sigkill_is_exact(sft_model, tmp_path):
     args = ["--model_name_or_path", str(sft_model), "--max_steps", "4", "--save_every", "2", "--log_every", "1"]
     assert_resume_is_exact(
@@ -171,6 +186,8 @@ def test_resume_after_sigkill_is_exact(sft_model, tmp_path):
         (["--estimator", "rloo", "--per_device_batch_size", "6"], "must be a multiple of --num_samples (4)"),
         (["--estimator", "grpo", "--critic", "runs/rm"], "has no critic"),
         (["--reweighter", "confidence"], "PPO's samples are scored singly"),
+        (["--reweighter", "policy"], "PPO's samples are the policy's own"),
+        (["--reweighter", "importance:runs/sft"], "importance weights are for offline data"),
     ],
 )
 def test_bad_flags_fail_in_one_line(tmp_path, flags, message):
