@@ -109,8 +109,8 @@ def sft_model(tmp_path_factory):
     shared = tmp_path_factory.getbasetemp().parent  # this session's folder, above each worker's own
     output_dir = shared / "sft"
     with FileLock(str(shared / "sft.lock")):
-        if not (output_dir / "model.safetensors").exists():
-            run_script("sft.py", "--output_dir", str(output_dir))
+        if not (output_dir / "model.safetensors").exists():  # two threads: the other worker is likely waiting for it
+            run_script("sft.py", "--output_dir", str(output_dir), env={"OMP_NUM_THREADS": "2"})
     return output_dir
 
 

