@@ -120,7 +120,7 @@ class Args:
     """how much each example counts: none (the data's weights), confidence (online pairs: |2p - 1|, p the annotator's
     probability that generation1 is better), policy (WPO: the responses' probability under the policy),
     importance:PATH (pi / rho against the model PATH that wrote the data; offline), or python:MODULE:FUNCTION
-    (common/reweight.py)"""
+    (common/reweight.py says which script takes which)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
 

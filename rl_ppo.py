@@ -120,8 +120,10 @@ class Args:
     group_by_length: bool = True
     """batch examples of similar length together (less padding); the order of batches stays random"""
     reweighter: str = "none"
-    """how much each response counts: none, or python:MODULE:FUNCTION, of the rows after scoring, or of each
-    micro-batch and the update's log-probs (FUNCTION(batch, policy); common/reweight.py)"""
+    """how much each example counts: none (the data's weights), confidence (online pairs: |2p - 1|, p the annotator's
+    probability that generation1 is better), policy (WPO: the responses' probability under the policy),
+    importance:PATH (pi / rho against the model PATH that wrote the data; offline), or python:MODULE:FUNCTION
+    (common/reweight.py says which script takes which)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
 

@@ -20,7 +20,9 @@ scale mostly cancels there, but a step whose mean factor is below the recent one
 A `self_normalised` kind (importance) removes that scale: the script divides the step's gradients by the factors'
 mean over every micro-batch on every process, the same as dividing each factor by it (exact under any split).
 
-Kinds, chosen by `make_reweighter(spec)` (a script's --reweighter):
+Kinds, chosen by `make_reweighter(spec)` (a script's --reweighter; a script refuses in one line the kinds it cannot
+use: confidence needs online pairs, policy and importance a policy and offline data, so sft.py, dpo_pairwise.py and
+kto_pointwise.py take them, rl_ppo.py takes python functions, reward_model.py the rows form):
     none                     no reweighter (make_reweighter returns None): weights stay as the data has them
     confidence               online pairwise rows: factor = |2 * preference - 1|, where "preference" is the
                              annotator's probability that generation1 is better: 1 for a sure verdict, 0 for a
@@ -38,7 +40,8 @@ Kinds, chosen by `make_reweighter(spec)` (a script's --reweighter):
                              fitted to it): factor = min(pi(y|x) / rho(y|x), IMPORTANCE_CLIP), the product over a
                              pair's two responses (the pair's probability), then divided by the step's mean factor.
                              rho's log-probs are computed once before training, as the reference's are. Offline
-                             only (online samples come from pi itself).
+                             only (online samples come from pi itself). sft.py's loss is a token mean, and its
+                             divisor is still the examples' mean factor, not a token-weighted one.
     python:MODULE:FUNCTION   FUNCTION(rows) -> one factor >= 0 per row (list, tuple or 1-D tensor), at collation;
                              or FUNCTION(batch, policy) -> one factor >= 0 per example, in the loop (the form
                              rl_ppo.py takes: its batch is the micro-batch of the update). It gets copies, so it

@@ -347,7 +347,8 @@ def test_two_ranks_fall_back_and_stop_together(tmp_path):
         timeout=180,
         env={"PYTHONPATH": f"{REPO}:{REPO / 'tests'}"},
     )
-    assert "rank 0 resumed at step 1" in proc.stdout and "rank 1 resumed at step 1" in proc.stdout, proc.stderr[-3000:]
+    resumed = "rank 0 resumed at step 1" in proc.stdout and "rank 1 resumed at step 1" in proc.stdout
+    assert resumed, f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
     assert "cannot resume from" in proc.stdout and "(rank 1: UnpicklingError" in proc.stdout
     message = (
         f"error: rank 1: no space left on device while writing checkpoint-3 in '{tmp_path / 'out'}' "
