@@ -38,7 +38,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 import tyro
-from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from common import toy
@@ -60,7 +59,6 @@ from common.distributed import (
     clip_grad_norm,
     fail,
     init_distributed,
-    is_main,
     load_checkpoint,
     print0,
     save_checkpoint,
@@ -346,8 +344,7 @@ def main(args: Args):
         tracker.log(0, evaluate())
 
     policy.train()
-    steps = range(start_step, args.max_steps)
-    for step in tqdm(steps, initial=start_step, total=args.max_steps, disable=not is_main()):
+    for step in tracker.progress(range(start_step, args.max_steps), args.max_steps):  # a bar with loss, tokens/s
         step_start = time.perf_counter()
         # 1. get batch: this process's micro-batches of pairs for one optimizer step (sampled + annotated when --online)
         batches = [to_device(b, device) for b in factory.next_step()]

@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 
 import torch
 import tyro
-from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from common import toy
@@ -58,7 +57,6 @@ from common.distributed import (
     fail,
     gather_objects,
     init_distributed,
-    is_main,
     load_checkpoint,
     print0,
     save_checkpoint,
@@ -387,8 +385,7 @@ def main(args: Args):
         tracker.log(0, evaluate())
 
     policy.train()
-    steps = range(start_step, args.max_steps)
-    for step in tqdm(steps, initial=start_step, total=args.max_steps, disable=not is_main()):
+    for step in tracker.progress(range(start_step, args.max_steps), args.max_steps):  # a bar with loss, tokens/s
         step_start = time.perf_counter()
         # 1. get batch: this process's micro-batches for one optimizer step (sampled + scored when --online), and
         # which examples are desirable

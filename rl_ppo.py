@@ -52,7 +52,6 @@ from typing import Literal
 
 import torch
 import tyro
-from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from common import toy
@@ -67,7 +66,6 @@ from common.distributed import (
     clip_grad_norm,
     fail,
     init_distributed,
-    is_main,
     load_checkpoint,
     print0,
     save_checkpoint,
@@ -387,8 +385,7 @@ def main(args: Args):
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
 
-    steps = range(start_step, args.max_steps)
-    for step in tqdm(steps, initial=start_step, total=args.max_steps, disable=not is_main()):
+    for step in tracker.progress(range(start_step, args.max_steps), args.max_steps):  # a bar with loss, tokens/s
         step_start = time.perf_counter()
         seconds = defaultdict(float)  # where the step's time goes
         # 1. rollout: sample this process's responses and score them (the annotator's score as generation1_reward;

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 import tyro
-from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from common import toy
@@ -33,7 +32,6 @@ from common.distributed import (
     cleanup,
     clip_grad_norm,
     init_distributed,
-    is_main,
     load_checkpoint,
     print0,
     save_checkpoint,
@@ -190,8 +188,7 @@ def main(args: Args):
         tracker.log(0, evaluate())
 
     model.train()
-    steps = range(start_step, args.max_steps)
-    for step in tqdm(steps, initial=start_step, total=args.max_steps, disable=not is_main()):
+    for step in tracker.progress(range(start_step, args.max_steps), args.max_steps):  # a bar with loss, tokens/s
         step_start = time.perf_counter()
         # 1. get batch: this process's micro-batches for one optimizer step
         batches = [to_device(b, device) for b in factory.next_step()]

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
 
 
 def fail(message: str):
@@ -429,8 +430,14 @@ class Tracker:
     """metrics.jsonl (one JSON object per logged step: `step`, `time` and the metrics) and args.json in output_dir,
     and wandb under --track. Only rank 0 writes. On --resume, lines logged after the checkpoint's step are dropped."""
 
+    SHOWN = {
+        "train/loss": ("loss", "{:.4g}"),
+        "train/tokens_per_s": ("tokens/s", "{:.0f}"),
+        "eval/reward": ("eval/reward", "{:.3f}"),
+    }
+
     def __init__(self, args, resume_step: int | None = None):
-        self.enabled = is_main()
+        self.enabled, self.bar, self.shown = is_main(), None, {}
         if not self.enabled:
             return
         os.makedirs(args.output_dir, exist_ok=True)
@@ -458,10 +465,20 @@ class Tracker:
                 resume="allow",
             )
 
+    def progress(self, steps: range, total: int):
+        """The steps as a progress bar (rank 0's) that shows the latest loss, tokens/s and eval/reward."""
+        self.bar = tqdm(steps, initial=steps.start, total=total, disable=not self.enabled)
+        return self.bar
+
     def log(self, step: int, metrics: dict):
         if not self.enabled:
             return
         metrics = {k: float(v) for k, v in metrics.items()} | {"time": time.time() - self.start}
+        self.shown |= {
+            short: form.format(metrics[name]) for name, (short, form) in self.SHOWN.items() if name in metrics
+        }
+        if self.bar is not None:
+            self.bar.set_postfix(self.shown, refresh=False)
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:

@@ -211,3 +211,17 @@ def test_held_out_loss_on_a_local_file(tmp_path, hh_path):
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
     proc = run_script(*args, "--output_dir", str(tmp_path / "without"))
     assert not any("eval/loss" in m for m in read_metrics(tmp_path / "without")) and "no evaluation" in proc.stdout
+
+
+def test_the_progress_bar_shows_the_latest_metrics(tmp_path, world_of_one):
+    """The bar over the steps shows the last logged loss and tokens/s, and eval/reward once an evaluation logged it."""
+    sys.path.insert(0, str(REPO))
+    import sft
+    from common.distributed import Tracker
+
+    tracker = Tracker(sft.Args(output_dir=str(tmp_path)))
+    bar = tracker.progress(range(2, 5), 5)
+    assert list(bar) == [2, 3, 4] and bar.total == 5
+    tracker.log(3, {"train/loss": 0.51234, "train/tokens_per_s": 12345.6, "train/lr": 1e-4})
+    tracker.log(4, {"eval/reward": 0.75})
+    assert bar.postfix == "loss=0.5123, tokens/s=12346, eval/reward=0.750"
