@@ -182,8 +182,8 @@ def pair_logps(model, batch, with_stats=False):
     inputs = batch["prompt_token_ids"], batch["prompt_attention_mask"], response_ids, response_mask
     if not with_stats:
         return shared_prompt_logps(model, *inputs).sum(-1).view(-1, 2), None
-    token_logps, stats = shared_prompt_logps(model, *inputs, with_stats=True)
-    return token_logps.sum(-1).view(-1, 2), {"logps": token_logps, "log_p2": stats["log_p2"], "mask": response_mask}
+    token_logps, seen = shared_prompt_logps(model, *inputs, with_stats=True)
+    return token_logps.sum(-1).view(-1, 2), seen
 
 
 def pair_lengths(batch):

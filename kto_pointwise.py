@@ -186,8 +186,8 @@ def sequence_logps(model, batch, response_ids=None, response_mask=None, with_sta
     inputs = batch["prompt_token_ids"], batch["prompt_attention_mask"], response_ids, response_mask
     if not with_stats:
         return shared_prompt_logps(model, *inputs).sum(-1)
-    token_logps, stats = shared_prompt_logps(model, *inputs, with_stats=True)
-    return token_logps.sum(-1), {"logps": token_logps, "log_p2": stats["log_p2"], "mask": response_mask}
+    token_logps, seen = shared_prompt_logps(model, *inputs, with_stats=True)
+    return token_logps.sum(-1), seen
 
 
 def mismatched_responses(batches, pad_token_id):

@@ -479,8 +479,7 @@ def main(args: Args):
                         rollout["logprobs"][micro_rows, : mask.shape[1]] = mb["logprobs"]
                         rollout["entropy"][micro_rows, : mask.shape[1]] = stats["entropy"]
                     if sees_policy:  # python:MODULE:FUNCTION(batch, policy): factors from this forward, as constants
-                        seen = {"logps": new_logprobs, "log_p2": stats["log_p2"], "mask": mask}
-                        w = reweighter.reweigh(mb, seen, w[:, 0])[:, None]
+                        w = reweighter.reweigh(mb, stats, w[:, 0])[:, None]
                     logratio = (new_logprobs - mb["logprobs"]) * mask
                     ratio = torch.exp(logratio)
                     pg_losses = policy_losses(mb["advantages"], ratio, args.cliprange)

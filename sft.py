@@ -200,10 +200,7 @@ def main(args: Args):
             ids, mask = batch["generation1_token_ids"], batch["generation1_attention_mask"]
             weights = batch["generation1_weight"]
             if sees_policy:  # factors from this forward (WPO, importance weights), constants to the loss
-                logps, response_mask, stats = response_logps(
-                    model, ids, mask, batch["generation1_response_mask"], with_stats=True
-                )
-                seen = {"logps": logps, "log_p2": stats["log_p2"], "mask": response_mask}
+                logps, _, seen = response_logps(model, ids, mask, batch["generation1_response_mask"], with_stats=True)
                 weights = reweighter.reweigh(batch, seen, weights)
             else:
                 logps, _ = response_logps(model, ids, mask, batch["generation1_response_mask"])

@@ -74,7 +74,9 @@ def response_logps(
 ):
     """log pi(y_t | x, y_<t) for every response token: (B, K) tensor, zero outside the response, and the
     (B, K) response mask, where K counts positions from the batch's first response token on. The LM head
-    runs only on the positions that predict those tokens, not on the prompts. with_stats: also `position_stats`."""
+    runs only on the positions that predict those tokens, not on the prompts. with_stats: also the forward's
+    per-token view, {"logps", "mask"} and `position_stats`, that a reweighter of the policy reads
+    (common/reweight.py)."""
     first = max(int(response_mask.float().argmax(-1).min()), 1)  # earliest response token in the batch
     predicting = torch.arange(first - 1, input_ids.shape[1] - 1, device=input_ids.device)  # positions first-1 .. T-2
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=predicting).logits  # (B, K, V)
@@ -82,7 +84,7 @@ def response_logps(
     logps = token_logps(logits, input_ids[:, first:]) * mask
     if not with_stats:
         return logps, mask
-    return logps, mask, {key: value * mask for key, value in position_stats(logits).items()}
+    return logps, mask, {"logps": logps, "mask": mask} | {k: v * mask for k, v in position_stats(logits).items()}
 
 
 def shared_prompt_logps(
@@ -99,8 +101,9 @@ def shared_prompt_logps(
     at rows i*n .. i*n + n - 1 (common.batch.interleave_responses). The prompt runs once and its KV cache
     serves its n responses, so a pair costs P + 2R tokens of compute instead of 2(P + R) (prefix sharing).
     Gradient checkpointing keeps no cache: then each response runs after its own copy of the prompt.
-    With a temperature, of the distribution sampled from (logits / temperature); with_stats, also `position_stats`
-    of that distribution at each response token, without gradient."""
+    With a temperature, of the distribution sampled from (logits / temperature); with_stats, also the per-token view
+    that a reweighter of the policy reads (common/reweight.py): {"logps", "mask"} and `position_stats` of that
+    distribution at each response token (those without gradient)."""
     n, (num_prompt, num_response) = (
         response_ids.shape[0] // prompt_ids.shape[0],
         (prompt_ids.shape[1], response_ids.shape[1]),
@@ -149,9 +152,10 @@ def shared_prompt_logps(
         stats = (
             {key: torch.cat([scored[0][1][key], scored[1][1][key]], 1) for key in scored[0][1]} if with_stats else None
         )
+    logps = logps * response_mask
     if not with_stats:
-        return logps * response_mask
-    return logps * response_mask, {key: value * response_mask for key, value in stats.items()}
+        return logps
+    return logps, {"logps": logps, "mask": response_mask} | {k: v * response_mask for k, v in stats.items()}
 
 
 @torch.no_grad()

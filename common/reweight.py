@@ -8,8 +8,9 @@ Per step: prompts -> generate -> annotate -> reweight -> loss (DESIGN.md). Two m
 2. From the current policy, in the loop (policy, importance:PATH, python:M:F with two arguments): after the forward
    the loss already runs and before the loss, `policy_factors(batch, policy)` gets that forward's per-token
    log-probs, detached, and returns one factor per example (B,), which the script multiplies into the weights.
-   `policy` is {"logps": (B * n, T) log pi(y_t | x, y_<t), "log_p2": (B * n, T) log sum_v pi(v | x, y_<t)^2,
-   "mask": (B * n, T)} with example i's n responses (2 for pairs) at rows i*n .. i*n + n - 1, zero at padding.
+   `policy` is the forward's per-token view (common.model's with_stats): {"logps": (B * n, T) log pi(y_t | x, y_<t),
+   "log_p2": (B * n, T) log sum_v pi(v | x, y_<t)^2, "entropy", "mask": (B * n, T)} with example i's n responses
+   (2 for pairs) at rows i*n .. i*n + n - 1, zero at padding.
    This is what counters the distribution shift of offline data: its responses come from another model rho, and
    as the policy pi moves away from rho, much of that data describes behaviour pi no longer has.
 
@@ -102,7 +103,6 @@ class Reweighter:
     def reweigh(self, batch: dict, policy: dict, weights: torch.Tensor) -> torch.Tensor:
         """weights (B,) times the policy's factors, as constants (no gradient flows through a factor)."""
         with torch.no_grad():
-            policy = {key: value.detach() for key, value in policy.items()}
             factors = self.policy_factors(batch, policy, len(weights)).to(weights.dtype)
         self.count(factors[weights > 0])  # examples of weight 0 (padded in) do not count
         return weights * factors
