@@ -324,7 +324,8 @@ for step in (1, 2):
 if rank == 1:  # damaged for rank 1 only
     open(f"{output_dir}/checkpoint-2/rng_rank1.pt", "wb").write(b"not a zip")
 dist.barrier()
-print(f"rank {rank} resumed at step", Run().load(output_dir)[0], flush=True)
+step = Run().load(output_dir)[0]
+print(f"rank {rank} resumed at step {step}", flush=True)  # one string: the two ranks' lines cannot interleave
 real_save = torch.save
 def rank1_full(obj, f, *args, **kwargs):
     if rank == 1 and "rng_rank1" in str(f):
