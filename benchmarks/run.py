@@ -23,6 +23,9 @@ removed its PPOTrainer): ours only, with its seconds a step.
     python benchmarks/run.py --pairs sft --repeats 3 --threads 2
     python benchmarks/run.py --ungrouped                    # ours on TRL's batches (no length grouping)
     python benchmarks/run.py --pairs grpo rloo ppo          # the RL pairs
+
+Each pair with a TRL side appends its result to benchmarks/results.jsonl; `python benchmarks/figure.py` draws the
+newest of each.
 """
 
 import argparse
@@ -31,12 +34,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 
 import workload
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results.jsonl"  # every measured pair appends a line (benchmarks/figure.py)
 B, K = workload.BATCH_SIZE, workload.NUM_SAMPLES
 # name -> (our script, data file in the work folder, unit, default N1 and N2, per_device_batch_size, units a step)
 PAIRS = {
@@ -183,6 +188,23 @@ def run_once(args, env: dict, pair: str, side: str, steps: int, repeat: int) -> 
     )
 
 
+def record(pair: str, args, **measured):
+    """One line of benchmarks/results.jsonl, what benchmarks/figure.py draws: the pair's measurement, when and where."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
+    line = {
+        "pair": pair,
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit.stdout.strip() + ("+edits" if dirty.stdout.strip() else ""),
+        "machine": f"{os.cpu_count()} CPUs, {args.threads} thread(s) per side",
+        "command": " ".join(["python", "benchmarks/run.py", *sys.argv[1:]]),
+        "repeats": args.repeats,
+        "ungrouped": args.ungrouped,
+    } | {k: round(v, 4) if isinstance(v, float) else v for k, v in measured.items()}
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=list(PAIRS), help="which pairs to run")
@@ -276,6 +298,17 @@ def main():
             continue
         (ours, theirs), (ours_cpu, theirs_cpu) = (
             [sum(r[s]) / len(r[s]) for s in ("ours", "TRL")] for r in (rates, cpu_rates)
+        )
+        record(
+            pair,
+            args,
+            unit=unit,
+            ours=ours,
+            trl=theirs,
+            ratio=ours / theirs,
+            cpu_ratio=ours_cpu / theirs_cpu,
+            ours_peak_mib=max(peaks["ours"]),
+            trl_peak_mib=max(peaks["TRL"]),
         )
         rows.append(
             f"| {pair} | {ours:.2f} {unit}/s | {theirs:.2f} {unit}/s | {ours / theirs:.2f} | "

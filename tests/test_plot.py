@@ -112,3 +112,31 @@ def test_missing_matplotlib_is_a_one_line_error(runs, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     with pytest.raises(SystemExit, match=r"^error: plotting needs matplotlib: pip install matplotlib$"):
         plot(runs, ["train/loss"], str(tmp_path / "x.png"))
+
+
+def test_benchmark_figure_draws_the_newest_result_of_each_pair(tmp_path):
+    """benchmarks/figure.py: the newest line of each pair (file order), runs on TRL's batches apart; a PNG."""
+    import subprocess
+
+    from conftest import REPO
+
+    results = tmp_path / "results.jsonl"
+    line = {"date": "2026-11-24", "ours_peak_mib": 1000, "trl_peak_mib": 1500, "ungrouped": False}
+    results.write_text(
+        "".join(
+            json.dumps(line | extra) + "\n"
+            for extra in (
+                {"pair": "dpo", "ratio": 2.5},
+                {"pair": "sft", "ratio": 3.0},
+                {"pair": "dpo", "ratio": 2.6},
+                {"pair": "dpo", "ratio": 1.9, "ungrouped": True},
+            )
+        )
+    )
+    out = tmp_path / "ratios.png"
+    command = [sys.executable, "benchmarks/figure.py", "--results", str(results), "--out", str(out)]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
+    assert "sft 3.00, dpo 2.60" in proc.stdout and out.read_bytes()[:8] == PNG_MAGIC
+    results.write_text(json.dumps({"pair": "dpo"}) + "\n")
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and "missing ['date', 'ours_peak_mib', 'ratio', 'trl_peak_mib']" in proc.stderr
