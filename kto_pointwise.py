@@ -64,6 +64,7 @@ from common.distributed import (
     shard_model,
     sum_over_processes,
 )
+from common.evaluation import held_out_eval
 from common.flags import check_shared_args, require
 from common.generation import GenerationArgs
 from common.model import add_reference_logps, load_causal_lm, load_tokenizer, shared_prompt_logps
@@ -163,7 +164,14 @@ class Args:
     num_eval_examples: int = 512
     """held-out examples (pairs, in the pairwise scripts) for eval/loss"""
     num_eval_prompts: int = 512
-    """toy only: held-out prompts sampled for eval/reward"""
+    """held-out prompts sampled at each evaluation (eval/score, eval/win_rate, eval/kl; eval/reward on toy)"""
+    eval_annotator: str | None = None
+    """judge of the held-out samples, in --annotator's forms, or none; default: the training annotator (--online,
+    rl_ppo.py), toy on the toy task, else none (then nothing is sampled)"""
+    eval_temperature: float = 1.0
+    """sampling temperature of the held-out samples (1.0 measures the policy itself, not its mode)"""
+    eval_batch_size: int = 128
+    """held-out prompts sampled at a time on each process"""
 
 
 def kto_loss(rewards, z_ref, desirable, beta, desirable_weight, undesirable_weight):
@@ -351,11 +359,12 @@ def main(args: Args):
                 return sequence_logps(reference, batch, response_ids, response_mask)
 
     eval_batches = shard_batches(eval_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
-    toy_batch = toy.eval_batch(tokenizer, args.num_eval_prompts, device) if toy.is_toy(args.dataset) else None
+    held_out = held_out_eval(args, tokenizer, device, annotator)
 
     @torch.no_grad()
-    def evaluate() -> dict:
-        """eval/rewards/* (mean beta * r) of held-out desirable and undesirable responses; on toy, eval/reward."""
+    def evaluate(step: int) -> dict:
+        """eval/rewards/* (mean beta * r) of held-out desirable and undesirable responses; the held-out samples'
+        eval/* (common/evaluation.py; eval/kl where the reference model is kept)."""
         metrics, sums = {}, defaultdict(float)
         for batch in eval_batches:
             rewards = args.beta * (sequence_logps(policy, batch) - reference_logps(batch))
@@ -370,8 +379,10 @@ def main(args: Args):
                 len(eval_rows) - totals["desirable"], 1
             )
             metrics["eval/rewards/margins"] = metrics["eval/rewards/desirable"] - metrics["eval/rewards/undesirable"]
-        if toy_batch is not None:
-            metrics |= toy.evaluate(policy, tokenizer, toy_batch, args.num_eval_prompts, seed=args.seed)
+        if held_out is not None:
+            held_out_metrics, table = held_out(step, policy, reference)
+            tracker.log_table(step, "eval_samples", table)
+            metrics |= held_out_metrics
         return metrics
 
     optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
@@ -382,7 +393,7 @@ def main(args: Args):
         factory.load_state_dict(data_state)
     tracker = Tracker(args, resume_step=start_step if args.resume else None)
     if start_step == 0:
-        tracker.log(0, evaluate())
+        tracker.log(0, evaluate(0))
 
     policy.train()
     for step in tracker.progress(range(start_step, args.max_steps), args.max_steps):  # a bar with loss, tokens/s
@@ -478,7 +489,7 @@ def main(args: Args):
                 metrics |= {"online/threshold": threshold}
                 tracker.log_samples(step + 1, factory.samples)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
-            eval_metrics = evaluate()
+            eval_metrics = evaluate(step + 1)
             metrics |= eval_metrics
             print0(
                 f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items() if "per_s" not in k)

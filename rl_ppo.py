@@ -73,6 +73,7 @@ from common.distributed import (
     shard_model,
     sum_over_processes,
 )
+from common.evaluation import held_out_eval
 from common.flags import check_online_args, check_shared_args, require
 from common.generation import GenerationArgs
 from common.model import load_causal_lm, load_tokenizer, load_value_model, shared_prompt_logps
@@ -111,6 +112,10 @@ class Args:
     .jsonl/.json/.parquet/.csv file"""
     dataset_split: str = "train"
     """split to train on"""
+    eval_dataset: str | None = None
+    """held-out data (default: --dataset's --eval_split; none for a local file)"""
+    eval_split: str = "test"
+    """split of the held-out data"""
     max_length: int = 512
     """longest prompt + response in tokens"""
     max_prompt_length: int = 256
@@ -181,7 +186,14 @@ class Args:
     eval_every: int = 25
     """evaluate every this many steps (and at the start and the end)"""
     num_eval_prompts: int = 512
-    """toy only: held-out prompts sampled for eval/reward"""
+    """held-out prompts sampled at each evaluation (eval/score, eval/win_rate, eval/kl; eval/reward on toy)"""
+    eval_annotator: str | None = None
+    """judge of the held-out samples, in --annotator's forms, or none; default: the training annotator (--online,
+    rl_ppo.py), toy on the toy task, else none (then nothing is sampled)"""
+    eval_temperature: float = 1.0
+    """sampling temperature of the held-out samples (1.0 measures the policy itself, not its mode)"""
+    eval_batch_size: int = 128
+    """held-out prompts sampled at a time on each process"""
 
 
 def policy_losses(advantages, ratio, cliprange):
@@ -364,10 +376,15 @@ def main(args: Args):
         reweighter=reweighter,
         sample_reward=toy.true_reward if toy.is_toy(args.dataset) else None,
     )
-    toy_batch = toy.eval_batch(tokenizer, args.num_eval_prompts, device) if toy.is_toy(args.dataset) else None
+    held_out = held_out_eval(args, tokenizer, device, annotator)
 
-    def evaluate() -> dict:
-        return toy.evaluate(policy, tokenizer, toy_batch, args.num_eval_prompts, seed=args.seed) if toy_batch else {}
+    def evaluate(step: int) -> dict:
+        """The held-out samples' eval/* (common/evaluation.py)."""
+        if held_out is None:
+            return {}
+        metrics, table = held_out(step, policy, reference)
+        tracker.log_table(step, "eval_samples", table)
+        return metrics
 
     trained = torch.nn.ModuleDict({"policy": policy} | ({"critic": critic} if critic is not None else {}))
     optimizer = torch.optim.AdamW(trained.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
@@ -378,7 +395,7 @@ def main(args: Args):
         factory.load_state_dict(data_state)
     tracker = Tracker(args, resume_step=start_step if args.resume else None)
     if start_step == 0:
-        tracker.log(0, evaluate())
+        tracker.log(0, evaluate(0))
     temperature = args.generation.temperature
     trained.train()
     for module in trained.modules():  # no dropout (the N+ details): a forward must give the rollout's log-probs
@@ -573,7 +590,7 @@ def main(args: Args):
             metrics |= factory.metrics(sum_over_processes(factory.stats))
             tracker.log_samples(step + 1, factory.samples)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
-            eval_metrics = evaluate()
+            eval_metrics = evaluate(step + 1)
             metrics |= eval_metrics
             print0(
                 f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items() if "per_s" not in k)

@@ -16,13 +16,13 @@ Departures from the usual recipe:
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import tyro
 from transformers import get_cosine_schedule_with_warmup
 
-from common import toy
+from common.annotators import JudgeArgs
 from common.batch import BatchFactory, shard_batches, to_device, tokenize_records
 from common.data import load_eval_records, load_records
 from common.distributed import (
@@ -39,7 +39,9 @@ from common.distributed import (
     shard_model,
     sum_over_processes,
 )
-from common.flags import check_shared_args, require
+from common.evaluation import held_out_eval
+from common.flags import check_shared_args
+from common.generation import GenerationArgs
 from common.model import load_causal_lm, load_tokenizer, response_logps
 from common.reweight import make_reweighter, self_normalise
 
@@ -116,15 +118,21 @@ class Args:
     num_eval_examples: int = 512
     """held-out examples (pairs, in the pairwise scripts) for eval/loss"""
     num_eval_prompts: int = 512
-    """toy only: held-out prompts sampled for eval/reward"""
+    """held-out prompts sampled at each evaluation (eval/score, eval/win_rate, eval/kl; eval/reward on toy)"""
+    eval_annotator: str | None = None
+    """judge of the held-out samples, in --annotator's forms, or none; default: the training annotator (--online,
+    rl_ppo.py), toy on the toy task, else none (then nothing is sampled)"""
     eval_temperature: float = 1.0
-    """sampling temperature for eval/reward (1.0 measures the policy itself, not its mode)"""
+    """sampling temperature of the held-out samples (1.0 measures the policy itself, not its mode)"""
+    eval_batch_size: int = 128
+    """held-out prompts sampled at a time on each process"""
+    judge: JudgeArgs = field(default_factory=JudgeArgs)
+    generation: GenerationArgs = field(default_factory=GenerationArgs)
 
 
 def check_args(args: Args):
     """Every flag's range, before any work; common.flags checks the flags all scripts share."""
     check_shared_args(args)
-    require(args.eval_temperature >= 0, "eval_temperature", args.eval_temperature, "must be 0 (greedy) or more")
 
 
 def main(args: Args):
@@ -159,11 +167,12 @@ def main(args: Args):
     eval_batches = shard_batches(eval_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
     model = shard_model(load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing), device)
     print0(f"model: {args.model_name_or_path}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    toy_batch = toy.eval_batch(tokenizer, args.num_eval_prompts, device) if toy.is_toy(args.dataset) else None
+    held_out = held_out_eval(args, tokenizer, device)
 
     @torch.no_grad()
-    def evaluate() -> dict:
-        """eval/loss: held-out NLL per response token (unweighted); on toy, eval/reward (samples' true reward)."""
+    def evaluate(step: int) -> dict:
+        """eval/loss: held-out NLL per response token (unweighted); the held-out samples' eval/*
+        (common/evaluation.py)."""
         metrics, nll, num_response_tokens = {}, 0.0, 0.0
         for batch in eval_batches:
             ids, mask = batch["generation1_token_ids"], batch["generation1_attention_mask"]
@@ -171,10 +180,10 @@ def main(args: Args):
             nll, num_response_tokens = nll - logps.sum(), num_response_tokens + response_mask.sum()
         if eval_batches:
             metrics["eval/loss"] = (all_reduce(nll) / all_reduce(num_response_tokens)).item()
-        if toy_batch is not None:
-            metrics |= toy.evaluate(
-                model, tokenizer, toy_batch, args.num_eval_prompts, args.eval_temperature, args.seed
-            )
+        if held_out is not None:
+            held_out_metrics, table = held_out(step, model)
+            tracker.log_table(step, "eval_samples", table)
+            metrics |= held_out_metrics
         return metrics
 
     optimizer = torch.optim.AdamW(model.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
@@ -185,7 +194,7 @@ def main(args: Args):
         factory.load_state_dict(data_state)
     tracker = Tracker(args, resume_step=start_step if args.resume else None)
     if start_step == 0:
-        tracker.log(0, evaluate())
+        tracker.log(0, evaluate(0))
 
     model.train()
     for step in tracker.progress(range(start_step, args.max_steps), args.max_steps):  # a bar with loss, tokens/s
@@ -233,7 +242,7 @@ def main(args: Args):
             if reweighter is not None:
                 metrics |= reweighter.metrics(sum_over_processes(reweighter.stats))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
-            eval_metrics = evaluate()
+            eval_metrics = evaluate(step + 1)
             metrics |= eval_metrics
             print0(
                 f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items() if "per_s" not in k)

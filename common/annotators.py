@@ -100,7 +100,10 @@ FORMS = (
 
 
 class Annotator:
-    """The interface. Subclasses write `_score`, and `_prefer` where comparing two scores is not the method."""
+    """The interface. Subclasses write `_score`, and `_prefer` where comparing two scores is not the method (then
+    `pairwise` is True: common/evaluation.py asks `prefer` rather than compare stored scores)."""
+
+    pairwise = False
 
     def __init__(self):
         self.stats = collections.Counter()
@@ -231,6 +234,8 @@ class LocalJudge(Annotator):
     digit comes next (the defaults end with a newline; with a chat template, the assistant turn starts there).
     Nothing is truncated: the judge's context must hold the whole question."""
 
+    pairwise = True
+
     def __init__(self, path: str, device: torch.device, template: str, score_template: str, batch_size: int):
         super().__init__()
         self.template = check_template(template, "--judge.template", prompt="", response1="", response2="")
@@ -314,6 +319,8 @@ class HTTPJudge(Annotator):
     """An OpenAI-compatible chat endpoint asked with the same templates, answering in text read strictly.
     Both orders are asked; when they disagree the judge is only showing its position bias, so the pair is a
     tie (0.5). The API key is read from the environment for each request and kept nowhere else."""
+
+    pairwise = True
 
     def __init__(
         self,

@@ -426,14 +426,24 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
+def kept_lines(path: str, resume_step: int | None) -> list[str]:
+    """The lines of a log of {"step", ...} objects that a run resumed at resume_step keeps (none for a new run)."""
+    if resume_step is None or not os.path.exists(path):
+        return []
+    return [line for line in open(path) if json.loads(line)["step"] <= resume_step]
+
+
 class Tracker:
     """metrics.jsonl (one JSON object per logged step: `step`, `time` and the metrics) and args.json in output_dir,
-    and wandb under --track. Only rank 0 writes. On --resume, lines logged after the checkpoint's step are dropped."""
+    tables (log_table) in wandb under --track, else in output_dir/NAME.jsonl. Only rank 0 writes. On --resume, the
+    lines of these logs after the checkpoint's step are dropped."""
 
+    LOGS = ("metrics.jsonl", "eval_samples.jsonl")
     SHOWN = {
         "train/loss": ("loss", "{:.4g}"),
         "train/tokens_per_s": ("tokens/s", "{:.0f}"),
         "eval/reward": ("eval/reward", "{:.3f}"),
+        "eval/win_rate": ("win rate", "{:.3f}"),
     }
 
     def __init__(self, args, resume_step: int | None = None):
@@ -443,14 +453,15 @@ class Tracker:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
-        self.path = os.path.join(args.output_dir, "metrics.jsonl")
-        kept = []
-        if resume_step is not None and os.path.exists(self.path):
-            kept = [line for line in open(self.path) if json.loads(line)["step"] <= resume_step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+        self.path, self.output_dir = os.path.join(args.output_dir, "metrics.jsonl"), args.output_dir
+        kept = {name: kept_lines(os.path.join(args.output_dir, name), resume_step) for name in self.LOGS}
+        for name, lines in kept.items():
+            with open(os.path.join(args.output_dir, name), "w") as f:
+                f.writelines(lines)
         # `time`: wall seconds of training so far (from here, after loading), a resumed run's earlier part included
-        self.start = time.time() - (json.loads(kept[-1]).get("time", 0.0) if kept else 0.0)
+        self.start = time.time() - (
+            json.loads(kept["metrics.jsonl"][-1]).get("time", 0.0) if kept["metrics.jsonl"] else 0.0
+        )
         self.wandb = None
         if args.track:
             import wandb
@@ -499,6 +510,18 @@ class Tracker:
                     f"  sample @ {step}: {str(prompt)[-200:]!r} -> {[r[:200] for r in responses]} rewards {rewards}",
                     flush=True,
                 )
+
+    def log_table(self, step: int, name: str, rows: list[dict]):
+        """Rows of the same keys: a wandb.Table under --track, else lines {"step", **row} of output_dir/NAME.jsonl."""
+        if not self.enabled or not rows:
+            return
+        if self.wandb is not None:
+            columns = list(rows[0])
+            table = self.wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+            self.wandb.log({name: table}, step=step)
+        else:
+            with open(os.path.join(self.output_dir, f"{name}.jsonl"), "a") as f:
+                f.writelines(json.dumps({"step": step, **row}) + "\n" for row in rows)
 
     def finish(self):
         if self.enabled and self.wandb is not None:

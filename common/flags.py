@@ -20,6 +20,8 @@ def check_shared_args(args):
     for flag in ("save_every", "warmup_steps", "weight_decay", "num_eval_examples", "num_eval_prompts"):
         if hasattr(args, flag):
             require(getattr(args, flag) >= 0, flag, getattr(args, flag), "must be 0 or more")
+    if hasattr(args, "eval_annotator"):  # the held-out generation eval (common/evaluation.py)
+        check_eval_args(args)
     if args.learning_rate is not None:
         require(args.learning_rate > 0, "learning_rate", args.learning_rate, "must be above 0")
     require(args.max_grad_norm > 0, "max_grad_norm", args.max_grad_norm, "must be above 0 (the clipping norm)")
@@ -34,6 +36,16 @@ def check_shared_args(args):
         check_online_args(args)
 
 
+def check_eval_args(args):
+    """--eval_annotator, --eval_temperature, --eval_batch_size and the response length of the held-out samples."""
+    require(args.eval_temperature >= 0, "eval_temperature", args.eval_temperature, "must be 0 (greedy) or more")
+    require(args.eval_batch_size >= 1, "eval_batch_size", args.eval_batch_size, "must be at least 1")
+    max_new_tokens = args.generation.max_new_tokens
+    require(max_new_tokens >= 1, "generation.max_new_tokens", max_new_tokens, "must be at least 1")
+    if args.eval_annotator == "toy" and not toy.is_toy(args.dataset):
+        fail("--eval_annotator toy scores only the toy task; choose an annotator for this dataset (see --help)")
+
+
 def check_online_args(args):
     """--annotator, --generation.* and --judge.* of the online scripts (and rl_ppo.py)."""
     generation, judge = args.generation, args.judge
@@ -44,9 +56,6 @@ def check_online_args(args):
         )
     if args.annotator == "toy" and not toy.is_toy(args.dataset):
         fail("--annotator toy scores only the toy task; choose an annotator for this dataset (see --help)")
-    require(
-        generation.max_new_tokens >= 1, "generation.max_new_tokens", generation.max_new_tokens, "must be at least 1"
-    )
     require(
         generation.temperature > 0,
         "generation.temperature",

@@ -16,7 +16,8 @@ from common.distributed import unsharded
 
 @dataclass
 class GenerationArgs:
-    """How the online scripts sample from the policy (a script's --generation.* flags)."""
+    """How a script samples from the policy (its --generation.* flags): online, the training samples; everywhere, the
+    held-out samples' length (common/evaluation.py; their temperature is --eval_temperature)."""
 
     max_new_tokens: int = 16
     """longest sampled response in tokens"""

@@ -11,16 +11,9 @@ common/toy_tokenizer/ and a ~0.9M-parameter Llama made from `toy_config`.
 
 import functools
 import random
-import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
 from transformers import LlamaConfig
-
-from common.batch import collate, to_device, tokenize_records
-from common.distributed import all_reduce
-from common.generation import generate
 
 TOKENIZER_DIR = Path(__file__).parent / "toy_tokenizer"  # every printable ASCII character is one token
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -106,35 +99,3 @@ def records(split: str, kind: str, shifted: bool = False) -> list[dict]:
             row.update(generation1=a, generation2=b, generation1_reward=1.0, generation2_reward=0.0)
         out.append(row)
     return out
-
-
-def eval_batch(tokenizer, num_prompts: int, device: torch.device) -> dict:
-    """This process's share of the first num_prompts held-out prompts, as one batch."""
-    rows = tokenize_records(records("test", "prompt")[:num_prompts], tokenizer, max_length=64, max_prompt_length=32)
-    return to_device(collate(rows[dist.get_rank() :: dist.get_world_size()], tokenizer.pad_token_id), device)
-
-
-def evaluate(model, tokenizer, batch: dict, num_prompts: int, temperature: float = 1.0, seed: int = 0) -> dict:
-    """eval/reward: mean true reward of responses sampled at `temperature` (1.0 measures the policy itself,
-    not its mode), over all processes. Uses its own generator, so evaluating never moves the training RNG."""
-    generator = torch.Generator(batch["prompt_token_ids"].device).manual_seed(seed)
-    start = time.perf_counter()
-    response_ids, response_mask = generate(
-        model,
-        batch["prompt_token_ids"],
-        batch["prompt_attention_mask"],
-        max_new_tokens=16,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        temperature=temperature,
-        generator=generator,
-    )
-    seconds = time.perf_counter() - start
-    responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-    reward = sum(true_reward(p, r) for p, r in zip(batch["prompt"], responses))
-    reward, num_tokens = all_reduce([reward, response_mask.sum().item()]).tolist()  # over all processes, one collective
-    return {
-        "eval/reward": reward / num_prompts,
-        "eval/generated_tokens_per_s": num_tokens / seconds,  # all processes' tokens, sampled in parallel
-        "eval/response_length": num_tokens / num_prompts,
-    }

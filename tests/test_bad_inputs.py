@@ -13,7 +13,7 @@ import sft
 from common.annotators import JudgeArgs
 from common.generation import GenerationArgs
 from common.model import load_reward_model, load_tokenizer
-from conftest import run_script
+from conftest import read_metrics, run_script
 
 SCRIPTS = {"sft.py": sft, "reward_model.py": reward_model, "dpo_pairwise.py": dpo_pairwise}
 BAD_FLAGS = [  # (script, flags, what the error line says)
@@ -29,6 +29,10 @@ BAD_FLAGS = [  # (script, flags, what the error line says)
     ("sft.py", {"max_prompt_length": 0}, "--max_prompt_length 0: must be at least 1"),
     ("sft.py", {"max_prompt_length": 512}, "--max_prompt_length 512: must be below --max_length (512)"),
     ("sft.py", {"eval_temperature": -1.0}, "--eval_temperature -1.0: must be 0 (greedy) or more"),
+    ("sft.py", {"eval_batch_size": 0}, "--eval_batch_size 0: must be at least 1"),
+    ("sft.py", {"num_eval_prompts": -1}, "--num_eval_prompts -1: must be 0 or more"),
+    ("sft.py", {"generation": GenerationArgs(max_new_tokens=0)}, "--generation.max_new_tokens 0: must be at least 1"),
+    ("sft.py", {"dataset": "hh", "eval_annotator": "toy"}, "--eval_annotator toy scores only the toy task"),
     ("reward_model.py", {"num_center_pairs": 0}, "--num_center_pairs 0: must be at least 1"),
     ("reward_model.py", {"weight_decay": -0.1}, "--weight_decay -0.1: must be 0 or more"),
     ("reward_model.py", {"num_eval_examples": -1}, "--num_eval_examples -1: must be 0 or more"),
@@ -145,6 +149,8 @@ def test_an_annotator_that_never_decides_stops_the_run(tmp_path, sft_model, anno
         "python:bad_annotators:constant",
         "--per_device_batch_size",
         "4",
+        "--num_eval_prompts",
+        "16",
         "--output_dir",
         str(tmp_path),
         env=annotators_module,
@@ -156,8 +162,9 @@ def test_an_annotator_that_never_decides_stops_the_run(tmp_path, sft_model, anno
 
 
 def test_an_annotator_that_never_returns_stops_the_run(tmp_path, sft_model, annotators_module):
-    """A python annotator that hangs costs one --judge.deadline per call; then its responses count as failed, and a
-    step on which every annotation failed stops the run in one line."""
+    """A python annotator that hangs costs one --judge.deadline per call; then its responses count as failed: in the
+    step-0 evaluation (eval/failed 1, and the run goes on), and in the first step, where every annotation failed,
+    which stops the run in one line."""
     proc = run_script(
         "dpo_pairwise.py",
         "--online",
@@ -169,6 +176,8 @@ def test_an_annotator_that_never_returns_stops_the_run(tmp_path, sft_model, anno
         "1",
         "--per_device_batch_size",
         "4",
+        "--num_eval_prompts",
+        "16",
         "--output_dir",
         str(tmp_path),
         env=annotators_module,
@@ -176,4 +185,5 @@ def test_an_annotator_that_never_returns_stops_the_run(tmp_path, sft_model, anno
         timeout=120,
     )
     assert "the annotator failed on every example of a step" in last_line(proc) and "'deadline'" in last_line(proc)
-    assert proc.stdout.count("did not return within --judge.deadline 1.0 s") == 1  # one deadline, then it stops
+    assert proc.stdout.count("did not return within --judge.deadline 1.0 s") == 2  # evaluation, step 1, stop
+    assert read_metrics(tmp_path)[0]["eval/failed"] == 1.0

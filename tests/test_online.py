@@ -204,12 +204,15 @@ def test_online_dpo_under_torchrun(sft_model, tmp_path):
 
 
 def test_online_dpo_learns_past_rho(sft_model, tmp_path):
-    """From the SFT model (~0.76), online DPO with the toy annotator reaches a true reward >= 0.95."""
+    """From the SFT model (~0.76), online DPO with the toy annotator reaches a true reward >= 0.95, and its held-out
+    responses beat the SFT model's far more often than not (0.72 measured; both are often perfect: ties count 1/2)."""
     start = time.time()
     run_script("dpo_pairwise.py", "--online", "--model_name_or_path", str(sft_model), "--output_dir", str(tmp_path))
-    rewards = [(m["step"], round(m["eval/reward"], 3)) for m in read_metrics(tmp_path) if "eval/reward" in m]
-    print(f"eval/reward {rewards} in {time.time() - start:.0f} s")
+    evals = [m for m in read_metrics(tmp_path) if "eval/reward" in m]
+    rewards = [(m["step"], round(m["eval/reward"], 3), round(m["eval/win_rate"], 3)) for m in evals]
+    print(f"(step, eval/reward, eval/win_rate) {rewards} in {time.time() - start:.0f} s")
     assert rewards[0][1] < 0.8 and rewards[-1][1] >= 0.95
+    assert rewards[0][2] == 0.5 and rewards[-1][2] > 0.65
 
 
 def test_generate_runs_each_prompt_once_for_its_samples(world_of_one):

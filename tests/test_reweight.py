@@ -165,6 +165,7 @@ def test_scripts_train_on_the_reweighted_examples(tmp_path, script):
         "1",
         "--eval_every",
         "1000",
+        *([] if script == "reward_model.py" else ["--num_eval_prompts", "16"]),
         "--output_dir",
         str(tmp_path / "run"),
         env={"PYTHONPATH": str(tmp_path)},
@@ -312,6 +313,7 @@ def test_importance_weights_in_the_scripts(sft_model, tmp_path):
     gives the same weights, self-normalisation over the whole step included. Online, a one-line error."""
     common = ["--model_name_or_path", str(sft_model), "--reweighter", f"importance:{sft_model}", "--max_steps", "3"]
     common += ["--log_every", "1", "--eval_every", "1000", "--num_eval_examples", "16", "--learning_rate", "1e-4"]
+    common += ["--num_eval_prompts", "16"]
     run_script("dpo_pairwise.py", *common, "--per_device_batch_size", "16", "--output_dir", str(tmp_path / "full"))
     run_script(
         "dpo_pairwise.py",

@@ -24,11 +24,7 @@ PER_SCRIPT = {
     "max_steps": "rl_ppo.py counts rollouts, each several optimizer steps",
 }
 WITHOUT = {  # shared flags a script does not have, with the reason
-    "rl_ppo.py": {
-        "eval_dataset": "trains on prompts and has no held-out loss",
-        "eval_split": "trains on prompts and has no held-out loss",
-        "num_eval_examples": "trains on prompts and has no held-out loss",
-    }
+    "rl_ppo.py": {"num_eval_examples": "trains on prompts and has no held-out loss"}
 }
 
 
