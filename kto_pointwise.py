@@ -164,7 +164,7 @@ class Args:
     num_eval_examples: int = 512
     """held-out examples (pairs, in the pairwise scripts) for eval/loss"""
     num_eval_prompts: int = 512
-    """held-out prompts sampled at each evaluation (eval/score, eval/win_rate, eval/kl; eval/reward on toy)"""
+    """held-out prompts sampled at each evaluation (eval/score, eval/win_rate, eval/kl; eval/reward on toy); 0: none"""
     eval_annotator: str | None = None
     """judge of the held-out samples, in --annotator's forms, or none; default: the training annotator (--online,
     rl_ppo.py), toy on the toy task, else none (then nothing is sampled)"""

@@ -186,7 +186,7 @@ class Args:
     eval_every: int = 25
     """evaluate every this many steps (and at the start and the end)"""
     num_eval_prompts: int = 512
-    """held-out prompts sampled at each evaluation (eval/score, eval/win_rate, eval/kl; eval/reward on toy)"""
+    """held-out prompts sampled at each evaluation (eval/score, eval/win_rate, eval/kl; eval/reward on toy); 0: none"""
     eval_annotator: str | None = None
     """judge of the held-out samples, in --annotator's forms, or none; default: the training annotator (--online,
     rl_ppo.py), toy on the toy task, else none (then nothing is sampled)"""

@@ -43,8 +43,6 @@ import math
 import os
 from collections import Counter
 
-import datasets
-
 from common import toy
 from common.distributed import fail, print0
 
@@ -126,7 +124,10 @@ def is_local(dataset: str) -> bool:
     return os.path.splitext(dataset.removesuffix(".gz"))[1] in FILE_BUILDERS or os.path.exists(dataset)
 
 
-def load_table(dataset: str, split: str) -> datasets.Dataset:
+def load_table(dataset: str, split: str):
+    """The rows of a built-in name, a hub id or a local file, as a datasets.Dataset."""
+    import datasets  # here, not at the top: the toy task never needs it, and it takes most of a second to import
+
     if dataset in BUILTIN:
         hub_id, splits = BUILTIN[dataset]
         dataset, split = hub_id, splits.get(split, split)
@@ -146,7 +147,9 @@ def load_table(dataset: str, split: str) -> datasets.Dataset:
         fail(f"could not load dataset '{dataset}' split '{split}' from the hub ({one_line(e)})")
 
 
-def load_file(path: str, ext: str) -> datasets.Dataset:
+def load_file(path: str, ext: str):
+    import datasets
+
     try:
         table = datasets.load_dataset(FILE_BUILDERS[ext], data_files=path, split="train")
         table.data.table.validate(full=True)  # arrow keeps invalid UTF-8 from JSON lines, to fail on reading the row

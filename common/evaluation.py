@@ -244,7 +244,10 @@ def held_out_eval(args, tokenizer, device, annotator=None) -> HeldOutEval | None
         print0("no held-out generation eval: no --eval_annotator to judge the samples (eval/score, eval/win_rate)")
         return None
     records = load_eval_records(args.dataset, args.eval_dataset, args.eval_split, "prompt", args.num_eval_prompts)
-    if not records:
+    if not records or len(records) < dist.get_world_size():  # num_eval_prompts 0, or not one prompt per process
+        print0(
+            f"no held-out generation eval: {len(records or [])} held-out prompts for {dist.get_world_size()} processes"
+        )
         return None
     held_out = HeldOutEval(
         records,
