@@ -140,3 +140,12 @@ def assert_resume_is_exact(tmp_path, script: str, *args: str, checkpoint: int, e
     for name, w in straight.items():
         assert torch.equal(w, final[name]), name
     assert [m["step"] for m in read_metrics(killed)] == [m["step"] for m in read_metrics(tmp_path / "straight")]
+    # the held-out evaluation's numbers too: its samples are seeded, and its initial responses were kept
+    evals = [{k: v for k, v in m.items() if k.startswith("eval/") and "per_s" not in k} for m in read_metrics(killed)]
+    assert evals == [
+        {k: v for k, v in m.items() if k.startswith("eval/") and "per_s" not in k}
+        for m in read_metrics(tmp_path / "straight")
+    ]
+    if (killed / "eval_samples.jsonl").exists():  # the table: no line twice, none lost
+        tables = [(path / "eval_samples.jsonl").read_text() for path in (killed, tmp_path / "straight")]
+        assert tables[0] == tables[1]
