@@ -191,7 +191,11 @@ def run_once(args, env: dict, pair: str, side: str, steps: int, repeat: int) -> 
 def record(pair: str, args, **measured):
     """One line of benchmarks/results.jsonl, what benchmarks/figure.py draws: the pair's measurement, when and where."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
+    dirty = subprocess.run(  # edits to the code, not to this file of results
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results.jsonl"],
+        cwd=ROOT,
+        capture_output=True,
+    )
     line = {
         "pair": pair,
         "date": time.strftime("%Y-%m-%d"),
