@@ -38,8 +38,10 @@ def main():
     lines = newest(args.results, args.ungrouped)
     if not lines:
         raise SystemExit(f"{args.results}: no measurements to draw")
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("error: drawing needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

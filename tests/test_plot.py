@@ -118,6 +118,7 @@ def test_benchmark_figure_draws_the_newest_result_of_each_pair(tmp_path):
     """benchmarks/figure.py: the newest line of each pair (file order), runs on TRL's batches apart; a PNG."""
     import subprocess
 
+    pytest.importorskip("matplotlib")
     from conftest import REPO
 
     results = tmp_path / "results.jsonl"
