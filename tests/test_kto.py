@@ -142,7 +142,8 @@ def test_bad_label_is_a_one_line_error(tmp_path):
 def test_offline_kto_raises_reward_over_sft(sft_model, tmp_path):
     """Offline KTO (its defaults) on the toy pointwise data, from the SFT model: eval/reward up >= 0.05 in 120 s."""
     start = time.time()
-    run_script("kto_pointwise.py", "--model_name_or_path", str(sft_model), "--output_dir", str(tmp_path))
+    args = ["--model_name_or_path", str(sft_model), "--eval_every", "1000"]  # evaluated first and last
+    run_script("kto_pointwise.py", *args, "--output_dir", str(tmp_path))
     seconds, metrics = time.time() - start, read_metrics(tmp_path)
     rewards = [m["eval/reward"] for m in metrics if "eval/reward" in m]
     print(f"eval/reward {rewards} in {seconds:.0f} s")
@@ -153,7 +154,8 @@ def test_offline_kto_raises_reward_over_sft(sft_model, tmp_path):
 def test_online_kto_learns_past_rho(sft_model, tmp_path):
     """Online KTO with the toy annotator, from the SFT model (~0.73): eval/reward >= 0.95 within 120 s."""
     start = time.time()
-    run_script("kto_pointwise.py", "--online", "--model_name_or_path", str(sft_model), "--output_dir", str(tmp_path))
+    args = ["--online", "--model_name_or_path", str(sft_model), "--eval_every", "1000"]  # evaluated first and last
+    run_script("kto_pointwise.py", *args, "--output_dir", str(tmp_path))
     seconds = time.time() - start
     rewards = [(m["step"], round(m["eval/reward"], 3)) for m in read_metrics(tmp_path) if "eval/reward" in m]
     print(f"eval/reward {rewards} in {seconds:.0f} s")

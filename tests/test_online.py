@@ -207,7 +207,8 @@ def test_online_dpo_learns_past_rho(sft_model, tmp_path):
     """From the SFT model (~0.76), online DPO with the toy annotator reaches a true reward >= 0.95, and its held-out
     responses beat the SFT model's far more often than not (0.72 measured; both are often perfect: ties count 1/2)."""
     start = time.time()
-    run_script("dpo_pairwise.py", "--online", "--model_name_or_path", str(sft_model), "--output_dir", str(tmp_path))
+    args = ["--online", "--model_name_or_path", str(sft_model), "--eval_every", "1000"]  # evaluated first and last
+    run_script("dpo_pairwise.py", *args, "--output_dir", str(tmp_path))
     evals = [m for m in read_metrics(tmp_path) if "eval/reward" in m]
     rewards = [(m["step"], round(m["eval/reward"], 3), round(m["eval/win_rate"], 3)) for m in evals]
     print(f"(step, eval/reward, eval/win_rate) {rewards} in {time.time() - start:.0f} s")

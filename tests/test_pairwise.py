@@ -169,7 +169,8 @@ def test_accumulation_and_two_processes_match_one_full_batch(tmp_path, script, e
 
 def test_dpo_raises_reward_over_sft(sft_model, tmp_path):
     """Offline DPO (its defaults) on the toy pairs, from the SFT model: eval/reward up by >= 0.05."""
-    run_script("dpo_pairwise.py", "--model_name_or_path", str(sft_model), "--output_dir", str(tmp_path))
+    args = ["--model_name_or_path", str(sft_model), "--eval_every", "1000"]  # evaluated first and last
+    run_script("dpo_pairwise.py", *args, "--output_dir", str(tmp_path))
     metrics = read_metrics(tmp_path)
     rewards = [m["eval/reward"] for m in metrics if "eval/reward" in m]
     print(f"eval/reward {rewards}")
