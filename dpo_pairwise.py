@@ -340,9 +340,7 @@ def main(args: Args):
         if eval_rows:
             metrics |= {name: value / len(eval_rows) for name, value in sum_over_processes(sums).items()}
         if held_out is not None:
-            held_out_metrics, table = held_out(step, policy, reference)
-            tracker.log_table(step, "eval_samples", table)
-            metrics |= held_out_metrics
+            metrics |= held_out(step, policy, reference, tracker)
         return metrics
 
     optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)

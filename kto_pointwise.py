@@ -380,9 +380,7 @@ def main(args: Args):
             )
             metrics["eval/rewards/margins"] = metrics["eval/rewards/desirable"] - metrics["eval/rewards/undesirable"]
         if held_out is not None:
-            held_out_metrics, table = held_out(step, policy, reference)
-            tracker.log_table(step, "eval_samples", table)
-            metrics |= held_out_metrics
+            metrics |= held_out(step, policy, reference, tracker)
         return metrics
 
     optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)

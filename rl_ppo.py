@@ -380,11 +380,7 @@ def main(args: Args):
 
     def evaluate(step: int) -> dict:
         """The held-out samples' eval/* (common/evaluation.py)."""
-        if held_out is None:
-            return {}
-        metrics, table = held_out(step, policy, reference)
-        tracker.log_table(step, "eval_samples", table)
-        return metrics
+        return held_out(step, policy, reference, tracker) if held_out is not None else {}
 
     trained = torch.nn.ModuleDict({"policy": policy} | ({"critic": critic} if critic is not None else {}))
     optimizer = torch.optim.AdamW(trained.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)

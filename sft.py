@@ -181,9 +181,7 @@ def main(args: Args):
         if eval_batches:
             metrics["eval/loss"] = (all_reduce(nll) / all_reduce(num_response_tokens)).item()
         if held_out is not None:
-            held_out_metrics, table = held_out(step, model)
-            tracker.log_table(step, "eval_samples", table)
-            metrics |= held_out_metrics
+            metrics |= held_out(step, model, None, tracker)
         return metrics
 
     optimizer = torch.optim.AdamW(model.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)

@@ -51,7 +51,8 @@ def win(preference: float | None) -> float | None:
 
 
 class HeldOutEval:
-    """The module docstring's evaluation, for one run: `__call__(step, policy, reference)` -> (metrics, table rows).
+    """The module docstring's evaluation, for one run: `__call__(step, policy, reference, tracker)` -> metrics, with
+    the sample table logged to the tracker (common.distributed.Tracker) and kept in `table`.
     Its first call at step 0 keeps the responses as the initial policy's; a first call at a later step (a resumed
     run) reads them from output_dir."""
 
@@ -108,7 +109,7 @@ class HeldOutEval:
         self.initial = [{"response": r, "score": s} for r, s in zip(responses, scores)]
 
     @torch.no_grad()
-    def __call__(self, step: int, policy, reference=None) -> tuple[dict, list[dict]]:
+    def __call__(self, step: int, policy, reference=None, tracker=None) -> dict:
         if self.calls == 0 and step > 0 and self.annotator is not None:
             self.initial = self.load_initial()
         self.calls += 1
@@ -172,7 +173,7 @@ class HeldOutEval:
                 metrics["eval/score"] = totals["score"] / totals["scored"]
         if totals["judged"]:
             metrics["eval/win_rate"] = totals["wins"] / totals["judged"]
-        table = [
+        self.table = [
             {
                 "prompt": as_text(prompt)[-500:],
                 "response": response,
@@ -189,7 +190,9 @@ class HeldOutEval:
                 verdicts or [None] * TABLE_ROWS,
             )
         ]
-        return metrics, table
+        if tracker is not None:
+            tracker.log_table(step, "eval_samples", self.table)
+        return metrics
 
     def log_ratios(self, policy, reference, *inputs) -> torch.Tensor:
         """log pi(y|x) - log ref(y|x) of each response, (B,), in forwards of forward_batch_size responses (training's

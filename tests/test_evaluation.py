@@ -50,16 +50,16 @@ def test_win_rate_against_the_initial_policy_kept_across_resume(models, tmp_path
     responses from output_dir, and a run with other held-out prompts is told in one line."""
     sft, random_model, tokenizer = models
     evaluator = held_out(tokenizer, ToyAnnotator(), tmp_path)
-    first, table = evaluator(0, sft, reference=sft)
+    first, table = evaluator(0, sft, reference=sft), evaluator.table
     assert first["eval/win_rate"] == 0.5 and first["eval/kl"] == pytest.approx(0, abs=1e-5)
     assert 0.6 < first["eval/reward"] < 0.9 and "eval/score" not in first  # on toy the toy score is eval/reward
     assert all(row["verdict"] == 0.5 and row["response"] == row["initial_response"] for row in table)
     initial = [json.loads(line) for line in open(tmp_path / "eval_initial.jsonl")]
     assert [line["prompt"] for line in initial] == [p["prompt"] for p in PROMPTS]
-    again, _ = evaluator(7, sft)
+    again = evaluator(7, sft)
     assert without_speed(again) == {k: v for k, v in without_speed(first).items() if k != "eval/kl"}
 
-    worse, table = evaluator(8, random_model)
+    worse, table = evaluator(8, random_model), evaluator.table
     responses = [row["response"] for row in table]
     assert all(row["initial_response"] == line["response"] for row, line in zip(table, initial))
     expected = []
@@ -69,7 +69,7 @@ def test_win_rate_against_the_initial_policy_kept_across_resume(models, tmp_path
     assert worse["eval/win_rate"] == pytest.approx(sum(expected) / len(expected)) and worse["eval/win_rate"] < 0.2
     assert responses == evaluator.responses[: len(responses)]
 
-    resumed, _ = held_out(tokenizer, ToyAnnotator(), tmp_path)(8, random_model)
+    resumed = held_out(tokenizer, ToyAnnotator(), tmp_path)(8, random_model)
     assert without_speed(resumed) == without_speed(worse)
     with pytest.raises(SystemExit, match="initial responses to other held-out prompts") as e:
         held_out(tokenizer, ToyAnnotator(), tmp_path, prompts=PROMPTS[:16])(8, random_model)
@@ -82,7 +82,7 @@ def test_kl_is_the_mean_sequence_log_ratio(models, tmp_path):
     evaluation's seed and batches; the forward batch size does not change it."""
     sft, random_model, tokenizer = models
     evaluator = held_out(tokenizer, None, tmp_path, forward_batch_size=5)
-    kl = evaluator(0, sft, reference=random_model)[0]["eval/kl"]
+    kl = evaluator(0, sft, reference=random_model)["eval/kl"]
     generator, log_ratios = torch.Generator().manual_seed(3), []
     for first in range(0, len(PROMPTS), 16):
         rows = evaluator.rows[first : first + 16]
@@ -134,8 +134,8 @@ def test_a_judge_is_asked_only_where_the_responses_differ(models, tmp_path):
     sft, random_model, tokenizer = models
     judge = LengthJudge()
     evaluator = held_out(tokenizer, judge, tmp_path)
-    assert evaluator(0, sft)[0]["eval/win_rate"] == 0.5 and judge.asked == []
-    metrics, _ = evaluator(1, random_model)
+    assert evaluator(0, sft)["eval/win_rate"] == 0.5 and judge.asked == []
+    metrics = evaluator(1, random_model)
     initial = [json.loads(line)["response"] for line in open(tmp_path / "eval_initial.jsonl")]
     pairs = list(zip(evaluator.responses, initial))
     assert judge.asked == [(a, b) for a, b in pairs if a != b] and judge.asked
