@@ -15,7 +15,7 @@ https://arxiv.org/abs/2305.18290  https://arxiv.org/abs/2310.12036  https://eric
 
 Offline, the pairs come from the dataset. --online: each step samples two responses per dataset prompt
 from the policy being trained and the annotator (--annotator) says which is better. Each prompt runs once
-for both of its responses (common.model.shared_prompt_logps): the same log-probs as two separate forwards.
+for both of its responses (common.logps.shared_prompt_logps): the same log-probs as two separate forwards.
 
     python sft.py --output_dir runs/sft && python dpo_pairwise.py --model_name_or_path runs/sft
     python dpo_pairwise.py --model_name_or_path runs/sft --online
@@ -52,24 +52,28 @@ from common.batch import (
 )
 from common.data import load_eval_records, load_records
 from common.distributed import (
+    FiniteSteps,
     Tracker,
     all_reduce,
     claim_output_dir,
     cleanup,
     clip_grad_norm,
+    compute_dtype,
     fail,
     init_distributed,
     load_checkpoint,
+    prepare_model,
     print0,
     save_checkpoint,
     save_pretrained,
-    shard_model,
     sum_over_processes,
+    sync_gradients,
 )
 from common.evaluation import held_out_eval
 from common.flags import check_shared_args, require
 from common.generation import GenerationArgs
-from common.model import add_reference_logps, load_causal_lm, load_tokenizer, shared_prompt_logps
+from common.logps import shared_prompt_logps
+from common.model import add_reference_logps, load_causal_lm, load_tokenizer
 from common.reweight import make_reweighter, self_normalise
 
 
@@ -122,6 +126,9 @@ class Args:
     (common/reweight.py says which script takes which)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """what forwards compute in: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32; weights and optimizer states stay
+    fp32 (bf16 is mixed precision)"""
 
     # optimization
     max_steps: int = 150
@@ -234,10 +241,11 @@ def main(args: Args):
         args.learning_rate = 2e-4 if args.online else 1e-5
     check_args(args)
     _, world_size, device = init_distributed(args.seed)
+    dtype = compute_dtype(args.dtype, device)
     run_id = claim_output_dir(args.output_dir, args.resume, args.overwrite)  # before any work, so it fails fast
     global_batch_size = args.per_device_batch_size * args.gradient_accumulation_steps * world_size
     print0(
-        f"{world_size} process(es) on {device.type}; global batch {global_batch_size} pairs = "
+        f"{world_size} process(es) on {device.type}, computing in {dtype}; global batch {global_batch_size} pairs = "
         f"{args.per_device_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {world_size} "
         f"processes; learning rate {args.learning_rate}"
     )
@@ -247,9 +255,9 @@ def main(args: Args):
     sees_policy = reweighter is not None and reweighter.sees_policy
     # data first: bad data fails before a model loads; online, the dataset's prompts only
     records = load_records(args.dataset, args.dataset_split, "prompt" if args.online else "pairwise")
-    annotator = make_annotator(args.annotator, device, args.judge) if args.online else None
+    annotator = make_annotator(args.annotator, device, args.judge, dtype) if args.online else None
     policy = load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing)
-    policy = shard_model(policy, device)
+    policy = prepare_model(policy, device, dtype)
     eval_rows = []
     if args.online:  # the pairs are sampled and annotated every step
         factory = OnlineBatchFactory(
@@ -286,7 +294,7 @@ def main(args: Args):
             # equal shares: FSDP forwards are collectives
             eval_rows = eval_rows[: len(eval_rows) // world_size * world_size]
         if reweighter is not None and reweighter.behaviour_path:  # importance: rho's log-probs, once
-            reweighter.prepare(factory.rows_until(args.max_steps), tokenizer, device, args.per_device_batch_size)
+            reweighter.prepare(factory.rows_until(args.max_steps), tokenizer, device, dtype, args.per_device_batch_size)
 
     # where the reference log-probs of a batch's pairs, (B, 2), come from: chosen here, once. The reference is the
     # initial policy, loaded again (so --resume gets it too) and frozen.
@@ -298,7 +306,7 @@ def main(args: Args):
     elif args.precompute_ref_logps and not args.online:  # once, for every pair this run scores (training and held-out)
         start, used = time.perf_counter(), factory.rows_until(args.max_steps) + eval_rows
         reference = load_causal_lm(args.model_name_or_path, tokenizer, device)
-        reference = shard_model(reference, device, trainable=False).eval()
+        reference = prepare_model(reference, device, dtype, trainable=False).eval()
         add_reference_logps(reference, used, tokenizer.pad_token_id, args.per_device_batch_size)
         print0(f"reference log-probs of {len(used)} pairs in {time.perf_counter() - start:.1f} s")
         reference = None  # training holds one model
@@ -307,7 +315,7 @@ def main(args: Args):
             return torch.stack([batch["generation1_reference_logps"], batch["generation2_reference_logps"]], 1)
     else:  # online pairs are new every step: the reference model runs on them
         reference = load_causal_lm(args.model_name_or_path, tokenizer, device)
-        reference = shard_model(reference, device, trainable=False).eval()
+        reference = prepare_model(reference, device, dtype, trainable=False).eval()
 
         def reference_pair_logps(batch):
             with torch.no_grad():
@@ -353,6 +361,7 @@ def main(args: Args):
     if start_step == 0:
         tracker.log(0, evaluate(0))
 
+    finite = FiniteSteps(dtype)  # a non-finite loss or gradient never reaches the weights
     policy.train()
     for step in tracker.progress(range(start_step, args.max_steps), args.max_steps):  # a bar with loss, tokens/s
         step_start = time.perf_counter()
@@ -361,7 +370,7 @@ def main(args: Args):
         num_pairs = all_reduce(sum(len(b["prompt"]) for b in batches)).item()
         sums = defaultdict(float)  # per-step sums of the logged metrics, by name
         for i, batch in enumerate(batches):
-            policy.set_requires_gradient_sync(i == len(batches) - 1)  # reduce gradients once per step
+            sync_gradients(policy, i == len(batches) - 1)  # reduce gradients once per step
             # 2. forward: log-probs of both responses of each pair, (B, 2), then oriented into chosen and rejected
             policy_logps, seen = pair_logps(policy, batch, with_stats=sees_policy)
             reference_logps = reference_pair_logps(batch)
@@ -394,10 +403,12 @@ def main(args: Args):
                 sums["rewards/accuracies"] += (chosen_rewards > rejected_rewards).float().sum()
                 sums["logps/chosen"] += policy_chosen_logps.sum()
                 sums["logps/rejected"] += policy_rejected_logps.sum()
-        # 4. step (importance weights: every factor over the step's mean factor, all micro-batches and processes)
+        # 4. step, unless the loss or a gradient is not finite (importance weights: every factor over the step's mean
+        # factor, all micro-batches and processes)
         sums["train/loss"] /= self_normalise(reweighter, policy)
         grad_norm = clip_grad_norm(policy, args.max_grad_norm)
-        optimizer.step()
+        if finite(f"step {step + 1}", sums["train/loss"], grad_norm):
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -412,6 +423,7 @@ def main(args: Args):
             metrics |= {name: value / num_pairs for name, value in sum_over_processes(sums).items()}
             metrics |= {
                 "train/grad_norm": grad_norm,
+                "train/nonfinite_steps": finite.skipped,
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/tokens_per_s": num_tokens / elapsed,
                 "train/pairs_per_s": num_pairs / elapsed,

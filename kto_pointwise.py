@@ -39,6 +39,7 @@ import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import tyro
@@ -49,25 +50,29 @@ from common.annotators import JudgeArgs, make_annotator
 from common.batch import BatchFactory, OnlineBatchFactory, pad, shard_batches, to_device, tokenize_records
 from common.data import load_eval_records, load_records
 from common.distributed import (
+    FiniteSteps,
     Tracker,
     all_reduce,
     claim_output_dir,
     cleanup,
     clip_grad_norm,
+    compute_dtype,
     fail,
     gather_objects,
     init_distributed,
     load_checkpoint,
+    prepare_model,
     print0,
     save_checkpoint,
     save_pretrained,
-    shard_model,
     sum_over_processes,
+    sync_gradients,
 )
 from common.evaluation import held_out_eval
 from common.flags import check_shared_args, require
 from common.generation import GenerationArgs
-from common.model import add_reference_logps, load_causal_lm, load_tokenizer, shared_prompt_logps
+from common.logps import shared_prompt_logps
+from common.model import add_reference_logps, load_causal_lm, load_tokenizer
 from common.reweight import make_reweighter, self_normalise
 
 
@@ -120,6 +125,9 @@ class Args:
     (common/reweight.py says which script takes which)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """what forwards compute in: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32; weights and optimizer states stay
+    fp32 (bf16 is mixed precision)"""
 
     # optimization
     max_steps: int = 150
@@ -254,14 +262,15 @@ def main(args: Args):
         args.learning_rate = 4e-4 if args.online else 1e-5
     check_args(args)
     _, world_size, device = init_distributed(args.seed)
+    dtype = compute_dtype(args.dtype, device)
     run_id = claim_output_dir(args.output_dir, args.resume, args.overwrite)  # before any work, so it fails fast
     global_batch_size = args.per_device_batch_size * args.gradient_accumulation_steps * world_size
     if global_batch_size < 2:
         fail("KTO pairs each example with another of its step (kl): the global batch needs at least 2 examples")
     print0(
-        f"{world_size} process(es) on {device.type}; global batch {global_batch_size} = {args.per_device_batch_size} "
-        f"per device x {args.gradient_accumulation_steps} accumulation x {world_size} processes; "
-        f"learning rate {args.learning_rate}"
+        f"{world_size} process(es) on {device.type}, computing in {dtype}; global batch {global_batch_size} = "
+        f"{args.per_device_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {world_size} "
+        f"processes; learning rate {args.learning_rate}"
     )
 
     tokenizer = load_tokenizer(args.model_name_or_path)
@@ -269,9 +278,9 @@ def main(args: Args):
     sees_policy = reweighter is not None and reweighter.sees_policy
     # data first: bad data fails before a model loads; online, the dataset's prompts only
     records = load_records(args.dataset, args.dataset_split, "prompt" if args.online else "pointwise")
-    annotator = make_annotator(args.annotator, device, args.judge) if args.online else None
+    annotator = make_annotator(args.annotator, device, args.judge, dtype) if args.online else None
     policy = load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing)
-    policy = shard_model(policy, device)
+    policy = prepare_model(policy, device, dtype)
     eval_rows = []
     if args.online:  # responses are sampled and scored every step; label_threshold labels them
         factory = OnlineBatchFactory(
@@ -321,12 +330,13 @@ def main(args: Args):
             # equal shares: FSDP forwards are collectives
             eval_rows = eval_rows[: len(eval_rows) // world_size * world_size]
         if reweighter is not None and reweighter.behaviour_path:  # importance: rho's log-probs, once
-            reweighter.prepare(factory.rows_until(args.max_steps), tokenizer, device, args.per_device_batch_size)
+            reweighter.prepare(factory.rows_until(args.max_steps), tokenizer, device, dtype, args.per_device_batch_size)
 
     # where the reference log-probs come from, chosen here, once: computed before training for the examples and
     # their mismatched pairs (offline), or the reference model on each step's samples (online). The reference is
     # the initial policy, loaded again (so --resume gets it too) and frozen.
-    reference = shard_model(load_causal_lm(args.model_name_or_path, tokenizer, device), device, trainable=False).eval()
+    reference = load_causal_lm(args.model_name_or_path, tokenizer, device)
+    reference = prepare_model(reference, device, dtype, trainable=False).eval()
     if args.precompute_ref_logps and not args.online:
         start, G = time.perf_counter(), global_batch_size
 
@@ -393,6 +403,7 @@ def main(args: Args):
     if start_step == 0:
         tracker.log(0, evaluate(0))
 
+    finite = FiniteSteps(dtype)  # a non-finite loss or gradient never reaches the weights
     policy.train()
     for step in tracker.progress(range(start_step, args.max_steps), args.max_steps):  # a bar with loss, tokens/s
         step_start = time.perf_counter()
@@ -424,7 +435,7 @@ def main(args: Args):
         kl_seconds = time.perf_counter() - kl_start
 
         for i, batch in enumerate(batches):
-            policy.set_requires_gradient_sync(i == len(batches) - 1)  # reduce gradients once per step
+            sync_gradients(policy, i == len(batches) - 1)  # reduce gradients once per step
             # 3. forward: log-probs of each example's response, (B,)
             desirable, weights = batch["desirable"], batch["generation1_weight"]
             if sees_policy:  # factors from this forward (WPO, importance weights), constants to the loss
@@ -450,10 +461,12 @@ def main(args: Args):
                 sums["logps/undesirable"] += (policy_logps * counted_undesirable).sum()
                 sums["num_desirable"] += counted_desirable.sum()
                 sums["num_undesirable"] += counted_undesirable.sum()
-        # 5. step (importance weights: every factor over the step's mean factor, all micro-batches and processes)
+        # 5. step, unless the loss or a gradient is not finite (importance weights: every factor over the step's mean
+        # factor, all micro-batches and processes)
         sums["train/loss"] /= self_normalise(reweighter, policy)
         grad_norm = clip_grad_norm(policy, args.max_grad_norm)
-        optimizer.step()
+        if finite(f"step {step + 1}", sums["train/loss"], grad_norm):
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -475,6 +488,7 @@ def main(args: Args):
                 "logps/undesirable": totals["logps/undesirable"] / num_undesirable,
                 "train/desirable_fraction": totals["num_desirable"] / num_examples,
                 "train/grad_norm": grad_norm,
+                "train/nonfinite_steps": finite.skipped,
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/tokens_per_s": num_tokens / elapsed,
                 "train/examples_per_s": num_examples / elapsed,

@@ -26,6 +26,7 @@ Departures from the paper:
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,19 +36,22 @@ from transformers import get_cosine_schedule_with_warmup
 from common.batch import BatchFactory, shard_batches, to_device, tokenize_records
 from common.data import load_eval_records, load_records
 from common.distributed import (
+    FiniteSteps,
     Tracker,
     all_reduce,
     claim_output_dir,
     cleanup,
     clip_grad_norm,
+    compute_dtype,
     fail,
     init_distributed,
     load_checkpoint,
+    prepare_model,
     print0,
     save_checkpoint,
     save_pretrained,
-    shard_model,
     sum_over_processes,
+    sync_gradients,
 )
 from common.flags import check_shared_args, require
 from common.model import load_reward_model, load_tokenizer
@@ -103,6 +107,9 @@ class Args:
     (common/reweight.py says which script takes which)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """what forwards compute in: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32; weights and optimizer states stay
+    fp32 (bf16 is mixed precision)"""
 
     # optimization
     max_steps: int = 200
@@ -163,10 +170,11 @@ def main(args: Args):
     if reweighter is not None and reweighter.sees_policy:
         fail(f"--reweighter {args.reweighter} weighs responses by a policy's log-probs; a reward model has no policy")
     _, world_size, device = init_distributed(args.seed)
+    dtype = compute_dtype(args.dtype, device)
     run_id = claim_output_dir(args.output_dir, args.resume, args.overwrite)  # before any work, so it fails fast
     global_batch_size = args.per_device_batch_size * args.gradient_accumulation_steps * world_size
     print0(
-        f"{world_size} process(es) on {device.type}; global batch {global_batch_size} pairs = "
+        f"{world_size} process(es) on {device.type}, computing in {dtype}; global batch {global_batch_size} pairs = "
         f"{args.per_device_batch_size} per device x {args.gradient_accumulation_steps} accumulation x "
         f"{world_size} processes"
     )
@@ -199,7 +207,7 @@ def main(args: Args):
         from_causal_lm=True,
         gradient_checkpointing=args.gradient_checkpointing,
     )
-    model = shard_model(model, device)
+    model = prepare_model(model, device, dtype)
 
     @torch.no_grad()
     def evaluate(batches) -> dict:
@@ -224,6 +232,7 @@ def main(args: Args):
     if start_step == 0:
         tracker.log(0, evaluate(eval_batches))
 
+    finite = FiniteSteps(dtype)  # a non-finite loss or gradient never reaches the weights
     model.train()
     for step in tracker.progress(range(start_step, args.max_steps), args.max_steps):  # a bar with loss, tokens/s
         step_start = time.perf_counter()
@@ -232,7 +241,7 @@ def main(args: Args):
         num_pairs = all_reduce(sum(len(b["prompt"]) for b in batches)).item()
         sums = defaultdict(float)  # per-step sums of the logged metrics, by name
         for i, batch in enumerate(batches):
-            model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce gradients once per step
+            sync_gradients(model, i == len(batches) - 1)  # reduce gradients once per step
             # 2. forward: r(x, y) of both responses of each pair, (B, 2), then oriented into chosen and rejected
             chosen_rewards, rejected_rewards = chosen_rejected(pair_rewards(model, batch), batch)
             weights = (batch["generation1_weight"] + batch["generation2_weight"]) / 2  # (B,), departure 2
@@ -250,9 +259,10 @@ def main(args: Args):
                 sums["rewards/rejected"] += rejected_rewards.sum()
                 sums["rewards/margins"] += margins.sum()
                 sums["rewards/accuracies"] += (margins > 0).float().sum()
-        # 4. step
+        # 4. step, unless the loss or a gradient is not finite
         grad_norm = clip_grad_norm(model, args.max_grad_norm)
-        optimizer.step()
+        if finite(f"step {step + 1}", sums["train/loss"], grad_norm):
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -267,6 +277,7 @@ def main(args: Args):
             metrics |= {name: value / num_pairs for name, value in sum_over_processes(sums).items()}
             metrics |= {
                 "train/grad_norm": grad_norm,
+                "train/nonfinite_steps": finite.skipped,
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/tokens_per_s": num_tokens / elapsed,
                 "train/pairs_per_s": num_pairs / elapsed,

@@ -25,7 +25,7 @@ https://arxiv.org/abs/2402.03300  https://arxiv.org/abs/2503.20783
 
 The estimators are a flag of this script, not forks: they share the rollout, the clipped surrogate and the loop,
 and differ in six lines (the advantages, the critic's presence, where the KL goes, the reduction). A group's k
-samples stay together in every micro-batch and share one forward of their prompt (common.model.shared_prompt_logps).
+samples stay together in every micro-batch and share one forward of their prompt (common.logps.shared_prompt_logps).
 
     python sft.py --output_dir runs/sft && python rl_ppo.py --model_name_or_path runs/sft
     python rl_ppo.py --model_name_or_path runs/sft --estimator grpo
@@ -59,24 +59,28 @@ from common.annotators import JudgeArgs, make_annotator
 from common.batch import OnlineBatchFactory, to_device
 from common.data import load_records
 from common.distributed import (
+    FiniteSteps,
     Tracker,
     all_reduce,
     claim_output_dir,
     cleanup,
     clip_grad_norm,
+    compute_dtype,
     fail,
     init_distributed,
     load_checkpoint,
+    prepare_model,
     print0,
     save_checkpoint,
     save_pretrained,
-    shard_model,
     sum_over_processes,
+    sync_gradients,
 )
 from common.evaluation import held_out_eval
 from common.flags import check_online_args, check_shared_args, require
 from common.generation import GenerationArgs
-from common.model import load_causal_lm, load_tokenizer, load_value_model, shared_prompt_logps
+from common.logps import attention_mask, shared_prompt_logps
+from common.model import load_causal_lm, load_tokenizer, load_value_model
 from common.reweight import make_reweighter
 
 
@@ -129,6 +133,9 @@ class Args:
     (common/reweight.py says which script takes which)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """what forwards compute in: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32; weights and optimizer states stay
+    fp32 (bf16 is mixed precision)"""
 
     # optimization
     max_steps: int = 100
@@ -252,13 +259,13 @@ def group_advantages(rewards, num_samples, estimator):
 
 def token_values(critic, prompt_ids, prompt_mask, response_ids, response_mask):
     """V(x, y_<t) for every response token t, (N, Tr), zero at padding: the critic's head on the hidden state that
-    predicts token t. Prompts (B, Tp) as in common.model.shared_prompt_logps, N = n * B."""
+    predicts token t. Prompts (B, Tp) as in common.logps.shared_prompt_logps, N = n * B."""
     n, num_prompt = response_ids.shape[0] // prompt_ids.shape[0], prompt_ids.shape[1]
-    attention_mask = torch.cat([prompt_mask.repeat_interleave(n, 0), response_mask], 1)
+    key_mask = torch.cat([prompt_mask.repeat_interleave(n, 0), response_mask], 1)
     values = critic(
         input_ids=torch.cat([prompt_ids.repeat_interleave(n, 0), response_ids], 1),
-        attention_mask=attention_mask,
-        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+        attention_mask=attention_mask(critic, key_mask, key_mask.shape[1]),  # left padding sees itself
+        position_ids=(key_mask.cumsum(-1) - 1).clamp(min=0),
     ).logits[:, num_prompt - 1 : -1, 0]
     return values.float() * response_mask
 
@@ -333,6 +340,7 @@ def main(args: Args):
         args.num_samples = 1 if args.estimator == "gae" else 4
     check_args(args)
     _, world_size, device = init_distributed(args.seed)
+    dtype = compute_dtype(args.dtype, device)
     run_id = claim_output_dir(args.output_dir, args.resume, args.overwrite)  # before any work, so it fails fast
     k, micro_batch_size = args.num_samples, args.per_device_batch_size
     reweighter = make_reweighter(args.reweighter)
@@ -341,23 +349,24 @@ def main(args: Args):
     minibatch_size = micro_batch_size * args.gradient_accumulation_steps  # responses per process
     rollout_size = minibatch_size * args.num_minibatches
     print0(
-        f"{world_size} process(es) on {device.type}; {args.estimator}: rollouts of {rollout_size * world_size} "
-        f"responses ({k} per prompt), {args.num_ppo_epochs} epochs x {args.num_minibatches} minibatches of "
-        f"{minibatch_size * world_size} = {micro_batch_size} per device x {args.gradient_accumulation_steps} "
-        f"accumulation x {world_size} processes; learning rate {args.learning_rate}"
+        f"{world_size} process(es) on {device.type}, computing in {dtype}; {args.estimator}: rollouts of "
+        f"{rollout_size * world_size} responses ({k} per prompt), {args.num_ppo_epochs} epochs x "
+        f"{args.num_minibatches} minibatches of {minibatch_size * world_size} = {micro_batch_size} per device x "
+        f"{args.gradient_accumulation_steps} accumulation x {world_size} processes; learning rate {args.learning_rate}"
     )
 
     tokenizer = load_tokenizer(args.model_name_or_path)
     records = load_records(args.dataset, args.dataset_split, "prompt")  # data first: bad data fails before a model
-    annotator = make_annotator(args.annotator, device, args.judge)
-    policy = shard_model(
-        load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing), device
-    )
-    reference = shard_model(load_causal_lm(args.model_name_or_path, tokenizer, device), device, trainable=False).eval()
+    annotator = make_annotator(args.annotator, device, args.judge, dtype)
+    policy = load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing)
+    policy = prepare_model(policy, device, dtype)
+    reference = load_causal_lm(args.model_name_or_path, tokenizer, device)
+    reference = prepare_model(reference, device, dtype, trainable=False).eval()
     critic, path = None, critic_path(args, tokenizer)
     if path is not None:
         print0(f"critic from {path}")
-        critic = shard_model(load_value_model(path, tokenizer, device, args.gradient_checkpointing), device)
+        critic = load_value_model(path, tokenizer, device, args.gradient_checkpointing)
+        critic = prepare_model(critic, device, dtype)
     # one rollout per step: every response of this process in one batch, the groups of k adjacent
     factory = OnlineBatchFactory(
         records,
@@ -393,6 +402,7 @@ def main(args: Args):
     if start_step == 0:
         tracker.log(0, evaluate(0))
     temperature = args.generation.temperature
+    finite = FiniteSteps(dtype)  # a non-finite loss or gradient never reaches the weights
     trained.train()
     for module in trained.modules():  # no dropout (the N+ details): a forward must give the rollout's log-probs
         if isinstance(module, torch.nn.Dropout):
@@ -475,10 +485,11 @@ def main(args: Args):
                 # the reduction's denominators, of the global minibatch
                 num_tokens = all_reduce(response_mask[rows].sum()).item()
                 num_sequences = len(rows) * world_size
+                minibatch_loss = 0.0
                 for a in range(args.gradient_accumulation_steps):
                     last = a == args.gradient_accumulation_steps - 1
                     for model in trained.values():
-                        model.set_requires_gradient_sync(last)  # reduce gradients once per optimizer step
+                        sync_gradients(model, last)  # reduce gradients once per optimizer step
                     micro_rows = rows[a * micro_batch_size : (a + 1) * micro_batch_size]
                     mb = select(rollout, micro_rows, k)
                     inputs = mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"]
@@ -519,6 +530,7 @@ def main(args: Args):
                     else:
                         loss = (w * token_losses * mask).sum() / num_tokens * world_size
                     loss.backward()
+                    minibatch_loss += loss.detach()
 
                     with torch.no_grad():  # diagnostics, summed over tokens: averaged over the step at logging
                         sums["train/loss"] += loss / world_size
@@ -534,7 +546,8 @@ def main(args: Args):
                             sums["loss/kl"] += (w * kl_losses * mask).sum()
                         sums["update_tokens"] += mask.sum()
                 grad_norm = clip_grad_norm(trained, args.max_grad_norm)
-                optimizer.step()
+                if finite(f"step {step + 1} (epoch {epoch + 1}, minibatch {m + 1})", minibatch_loss, grad_norm):
+                    optimizer.step()  # unless the loss or a gradient is not finite
                 optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         seconds["update"] = time.perf_counter() - update_start
@@ -565,6 +578,7 @@ def main(args: Args):
                 "objective/entropy": totals["objective/entropy"] / max(totals["num_trained_tokens"], 1),
                 "objective/eos_rate": totals["eos"] / num_scored,
                 "train/grad_norm": grad_norm,
+                "train/nonfinite_steps": finite.skipped,
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/tokens_per_s": all_reduce(response_mask.sum()).item() / elapsed,
             }

@@ -17,6 +17,7 @@ Departures from the usual recipe:
 
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import tyro
@@ -26,23 +27,27 @@ from common.annotators import JudgeArgs
 from common.batch import BatchFactory, shard_batches, to_device, tokenize_records
 from common.data import load_eval_records, load_records
 from common.distributed import (
+    FiniteSteps,
     Tracker,
     all_reduce,
     claim_output_dir,
     cleanup,
     clip_grad_norm,
+    compute_dtype,
     init_distributed,
     load_checkpoint,
+    prepare_model,
     print0,
     save_checkpoint,
     save_pretrained,
-    shard_model,
     sum_over_processes,
+    sync_gradients,
 )
 from common.evaluation import held_out_eval
 from common.flags import check_shared_args
 from common.generation import GenerationArgs
-from common.model import load_causal_lm, load_tokenizer, response_logps
+from common.logps import response_logps
+from common.model import load_causal_lm, load_tokenizer
 from common.reweight import make_reweighter, self_normalise
 
 
@@ -95,6 +100,9 @@ class Args:
     (common/reweight.py says which script takes which)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """what forwards compute in: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32; weights and optimizer states stay
+    fp32 (bf16 is mixed precision)"""
 
     # optimization
     max_steps: int = 600
@@ -138,11 +146,13 @@ def check_args(args: Args):
 def main(args: Args):
     check_args(args)
     _, world_size, device = init_distributed(args.seed)
+    dtype = compute_dtype(args.dtype, device)
     run_id = claim_output_dir(args.output_dir, args.resume, args.overwrite)  # before any work, so it fails fast
     global_batch_size = args.per_device_batch_size * args.gradient_accumulation_steps * world_size
     print0(
-        f"{world_size} process(es) on {device.type}; global batch {global_batch_size} = {args.per_device_batch_size} "
-        f"per device x {args.gradient_accumulation_steps} accumulation x {world_size} processes"
+        f"{world_size} process(es) on {device.type}, computing in {dtype}; global batch {global_batch_size} = "
+        f"{args.per_device_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {world_size} "
+        "processes"
     )
 
     tokenizer = load_tokenizer(args.model_name_or_path)
@@ -159,13 +169,14 @@ def main(args: Args):
         reweighter=reweighter,
     )
     if reweighter is not None and reweighter.behaviour_path:  # importance: rho's log-probs, once
-        reweighter.prepare(factory.rows_until(args.max_steps), tokenizer, device, args.per_device_batch_size)
+        reweighter.prepare(factory.rows_until(args.max_steps), tokenizer, device, dtype, args.per_device_batch_size)
     eval_records = load_eval_records(args.dataset, args.eval_dataset, args.eval_split, "sft", args.num_eval_examples)
     eval_rows = (
         tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length) if eval_records else []
     )
     eval_batches = shard_batches(eval_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
-    model = shard_model(load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing), device)
+    model = load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing)
+    model = prepare_model(model, device, dtype)
     print0(f"model: {args.model_name_or_path}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     held_out = held_out_eval(args, tokenizer, device)
 
@@ -194,6 +205,7 @@ def main(args: Args):
     if start_step == 0:
         tracker.log(0, evaluate(0))
 
+    finite = FiniteSteps(dtype)  # a non-finite loss or gradient never reaches the weights
     model.train()
     for step in tracker.progress(range(start_step, args.max_steps), args.max_steps):  # a bar with loss, tokens/s
         step_start = time.perf_counter()
@@ -202,7 +214,7 @@ def main(args: Args):
         num_response_tokens = all_reduce(sum(b["generation1_response_mask"].sum() for b in batches)).item()
         nll_sum = 0.0
         for i, batch in enumerate(batches):
-            model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce gradients once per step
+            sync_gradients(model, i == len(batches) - 1)  # reduce gradients once per step
             # 2. forward: log-probs of the response tokens, (B, K), zero outside the responses
             ids, mask = batch["generation1_token_ids"], batch["generation1_attention_mask"]
             weights = batch["generation1_weight"]
@@ -218,10 +230,12 @@ def main(args: Args):
             loss = nll / num_response_tokens * world_size
             loss.backward()
             nll_sum += nll.detach()
-        # 4. step (importance weights: every factor over the step's mean factor, all micro-batches and processes)
+        # 4. step, unless the loss or a gradient is not finite (importance weights: every factor over the step's mean
+        # factor, all micro-batches and processes)
         nll_sum /= self_normalise(reweighter, model)
         grad_norm = clip_grad_norm(model, args.max_grad_norm)
-        optimizer.step()
+        if finite(f"step {step + 1}", nll_sum, grad_norm):
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -233,6 +247,7 @@ def main(args: Args):
             metrics |= {
                 "train/loss": all_reduce(nll_sum).item() / num_response_tokens,
                 "train/grad_norm": grad_norm,
+                "train/nonfinite_steps": finite.skipped,
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/tokens_per_s": num_tokens / elapsed,
                 "train/examples_per_s": sum(len(b["prompt"]) for b in batches) * world_size / elapsed,

@@ -41,6 +41,7 @@ import torch
 from common import toy
 from common.batch import pad
 from common.distributed import fail, import_function, print0
+from common.logps import attention_mask
 from common.model import load_causal_lm, load_reward_model, load_tokenizer, reward_scores
 
 JUDGE_TEMPLATE = (
@@ -183,10 +184,9 @@ class RewardModelAnnotator(Annotator):
     """Scores with the reward model's own tokenizer and chat template (common.model.reward_scores); prefers with
     the Bradley-Terry probability the model was trained to fit (reward_model.py): sigmoid(r1 - r2)."""
 
-    def __init__(self, path: str, device: torch.device):
+    def __init__(self, path: str, device: torch.device, dtype: torch.dtype):
         super().__init__()
         self.tokenizer = load_tokenizer(path)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as in training's mixed precision
         self.model = load_reward_model(path, self.tokenizer, device).to(device, dtype).eval()
 
     def _score(self, prompts, responses):
@@ -236,12 +236,13 @@ class LocalJudge(Annotator):
 
     pairwise = True
 
-    def __init__(self, path: str, device: torch.device, template: str, score_template: str, batch_size: int):
+    def __init__(
+        self, path: str, device: torch.device, dtype: torch.dtype, template: str, score_template: str, batch_size: int
+    ):
         super().__init__()
         self.template = check_template(template, "--judge.template", prompt="", response1="", response2="")
         self.score_template = check_template(score_template, "--judge.score_template", prompt="", response="")
         self.tokenizer, self.device, self.batch_size = load_tokenizer(path), device, batch_size
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.model = load_causal_lm(path, self.tokenizer, device).to(device, dtype).eval()
         self.verdict_ids = self.answer_ids(["1", "2"])
         self.digit_ids = self.answer_ids([str(d) for d in range(10)])
@@ -271,11 +272,12 @@ class LocalJudge(Annotator):
                 self.tokenizer.pad_token_id,
                 left=True,
             )
+            mask = mask.to(self.device)
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
             logits = self.model(
                 input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=position_ids.to(self.device),
+                attention_mask=attention_mask(self.model, mask, ids.shape[1]),  # left padding sees itself
+                position_ids=position_ids,
                 logits_to_keep=1,
             ).logits[:, -1]  # (B, V)
             probs.append(logits[:, answer_ids].float().softmax(-1).cpu())
@@ -420,9 +422,13 @@ class HTTPJudge(Annotator):
         return preferences
 
 
-def make_annotator(spec: str, device: torch.device, judge: JudgeArgs | None = None) -> Annotator:
-    """The annotator named by `spec` (see the module docstring); `judge` holds the judges' options."""
+def make_annotator(
+    spec: str, device: torch.device, judge: JudgeArgs | None = None, dtype: torch.dtype | None = None
+) -> Annotator:
+    """The annotator named by `spec` (see the module docstring); `judge` holds the judges' options; a model annotator
+    computes in `dtype` (the script's --dtype; None: bf16 on CUDA, fp32 on CPU)."""
     judge = judge or JudgeArgs()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     kind, _, rest = spec.partition(":")
     if spec == "toy":
         return ToyAnnotator()
@@ -443,9 +449,9 @@ def make_annotator(spec: str, device: torch.device, judge: JudgeArgs | None = No
             judge.deadline,
         )
     if kind == "reward_model" and rest:
-        return RewardModelAnnotator(rest, device)
+        return RewardModelAnnotator(rest, device, dtype)
     if kind == "judge" and rest:
-        return LocalJudge(rest, device, template, score_template, judge.batch_size)
+        return LocalJudge(rest, device, dtype, template, score_template, judge.batch_size)
     module, _, function = rest.partition(":")
     if kind == "python" and module and function:
         return PythonAnnotator(module, function, judge.deadline)

@@ -13,7 +13,7 @@ and fields of our own, for the losses:
   generation1_response_token_ids, _response_attention_mask
                                           (B, Tr)     the response tokens alone, right-padded: prompt_token_ids
                                                       + these are the training sequences, so a prompt can run
-                                                      once for all its generations (common.model.shared_prompt_logps)
+                                                      once for all its generations (common.logps.shared_prompt_logps)
   generation1_reference_logps             (B,) float  sum of the response's log-probs under the reference
                                                       (only where precomputed: common/model.add_reference_logps)
   position                                (B,) long   where each example sits in the step: offline its position
@@ -167,7 +167,7 @@ def collate(rows: list[dict], pad_token_id: int) -> dict:
 
 def interleave_responses(batch: dict, generations=GENERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
     """The responses alone, (B * G, Tr) ids and attention mask, each row's G generations adjacent: the layout in
-    which common.model.shared_prompt_logps runs each prompt once for all of them."""
+    which common.logps.shared_prompt_logps runs each prompt once for all of them."""
     return tuple(
         torch.stack([batch[f"{g}_{key}"] for g in generations], 1).flatten(0, 1)
         for key in ("response_token_ids", "response_attention_mask")

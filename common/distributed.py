@@ -66,6 +66,11 @@ def init_distributed(seed: int) -> tuple[int, int, torch.device]:
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+        # masked attention goes to the memory-efficient kernel, not cuDNN's, whose backward returns NaN gradients at
+        # key lengths of 64 (mod 128) for rows with a very negative log-sum-exp (pytorch/pytorch#196678,
+        # NVIDIA/cudnn-frontend#628): always for fully masked rows (common.logps.attention_mask leaves none), and
+        # in some models for real ones (huggingface/trl#7181)
+        torch.backends.cuda.enable_cudnn_sdp(False)
     else:
         device = torch.device("cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -82,19 +87,40 @@ def init_distributed(seed: int) -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
-def shard_model(model: torch.nn.Module, device: torch.device, trainable: bool = True) -> torch.nn.Module:
-    """FSDP2: `fully_shard` each decoder layer, then the root. bf16 compute, fp32 master weights and
-    fp32 gradient reduction on CUDA; fp32 throughout on CPU."""
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: the dtype forwards compute in. auto: bf16 on CUDA, fp32 on CPU. Weights stay fp32 (the master copy
+    the optimizer updates) whatever it is."""
+    return DTYPES[name] if name != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def prepare_model(
+    model: torch.nn.Module, device: torch.device, dtype: torch.dtype, trainable: bool = True, shard: bool | None = None
+) -> torch.nn.Module:
+    """The model on `device`, its fp32 weights the master copy, its forwards computing in `dtype`; frozen unless
+    trainable. Several processes (or shard=True): FSDP2, `fully_shard` each decoder layer and then the root, the
+    gathered parameters cast to dtype, gradients reduced in fp32. One process: a plain module whose forward runs
+    under torch.autocast(dtype), as FSDP2 at world size 1 would still copy and cast every parameter at each forward
+    and backward and make the optimizer step over DTensors (pytorch/pytorch#134191). Both paths are tested."""
     model.to(device)
-    bf16 = device.type == "cuda"
-    mp = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    )
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
     model.requires_grad_(trainable)
+    if shard if shard is not None else dist.get_world_size() > 1:
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    elif dtype != torch.float32:
+        model.forward = torch.autocast(device.type, dtype=dtype)(model.forward)
     return model
+
+
+def sync_gradients(model: torch.nn.Module, sync: bool):
+    """Whether this backward reduces gradients over processes: FSDP2 reduces on the last micro-batch of an optimizer
+    step only, the others accumulate locally. A plain module (one process) has nothing to reduce."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
 
 
 @contextmanager
@@ -148,9 +174,52 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
+class FiniteSteps:
+    """A non-finite loss or gradient never reaches the weights. Called between a step's backward and its optimizer
+    step with the step's loss (this process's) and the global gradient norm: True where both are finite on every
+    process; else the step is to be skipped (its weights and optimizer state stay as they are), and it is printed and
+    counted (`skipped`, logged as train/nonfinite_steps); `max_in_a_row` skipped steps in a row stop the run with a
+    one-line error, so no run trains on into NaN and exits 0."""
+
+    def __init__(self, dtype: torch.dtype, max_in_a_row: int = 3):
+        self.dtype, self.max_in_a_row, self.skipped, self.in_a_row = dtype, max_in_a_row, 0, 0
+
+    def __call__(self, where: str, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """where: the optimizer step, as the log names it (e.g. "step 12")."""
+        values = torch.tensor([float(loss), float(grad_norm)], dtype=torch.float64)
+        if all_reduce((~torch.isfinite(values)).sum(), op=dist.ReduceOp.MAX).item() == 0:
+            self.in_a_row = 0
+            return True
+        self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+        print0(
+            f"{where}: non-finite loss or gradient (this process: loss {values[0]:.4g}, gradient norm "
+            f"{values[1]:.4g}); the step is skipped, the weights unchanged ({self.in_a_row} in a row, {self.skipped} "
+            "in all)"
+        )
+        if self.in_a_row >= self.max_in_a_row:
+            fail(
+                f"{self.in_a_row} optimizer steps in a row, the last at {where}, had a non-finite loss or gradient "
+                "and were skipped; nothing is saved. Try a lower --learning_rate or --max_grad_norm"
+                + (", or --dtype fp32" if self.dtype != torch.float32 else "")
+            )
+        return False
+
+
+def check_finite_weights(model: torch.nn.Module, what: str):
+    """Stop with one line, on every process, rather than save non-finite weights."""
+    bad = [
+        name
+        for name, p in model.named_parameters()
+        if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
+    ]
+    if all_reduce(len(bad)).item():
+        fail(f"not saving {what}: non-finite weights ({', '.join(bad[:3]) or 'on another process'})")
+
+
 def save_pretrained(model, tokenizer, output_dir: str):
     """Gather the full state dict (a collective: every rank calls this) and save it on rank 0 as
-    safetensors + config + tokenizer, loadable with `from_pretrained`."""
+    safetensors + config + tokenizer, loadable with `from_pretrained`. Never non-finite weights."""
+    check_finite_weights(model, f"the model to '{output_dir}'")
     state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_main():
         model.save_pretrained(output_dir, state_dict=state_dict)
@@ -227,7 +296,8 @@ def save_checkpoint(
     never touched. A failed write (a full disk, a lost mount) removes the .tmp and stops every rank with the same
     one line: the ranks compare errors after each stage, and dcp.save raises on every rank when one rank's write
     fails. An exception that is no write failure (a bug) is raised where it happens; torchrun then stops the
-    other ranks, as it does for any failed rank."""
+    other ranks, as it does for any failed rank. Never non-finite weights."""
+    check_finite_weights(model, f"checkpoint-{step}")
     final, tmp = Path(output_dir) / f"checkpoint-{step}", Path(output_dir) / f"checkpoint-{step}.tmp"
     where = f"{final.name} in '{output_dir}'"
     error = None
@@ -485,6 +555,8 @@ class Tracker:
         if not self.enabled:
             return
         metrics = {k: float(v) for k, v in metrics.items()} | {"time": time.time() - self.start}
+        if torch.cuda.is_available():  # the peak since the run started: benchmarks/gpu.py compares it with TRL's
+            metrics["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.shown |= {
             short: form.format(metrics[name]) for name, (short, form) in self.SHOWN.items() if name in metrics
         }

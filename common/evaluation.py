@@ -35,9 +35,9 @@ from common import toy
 from common.annotators import ToyAnnotator, as_text, make_annotator
 from common.batch import collate, tokenize_records
 from common.data import load_eval_records
-from common.distributed import fail, gather_objects, is_main, print0, sum_over_processes
+from common.distributed import compute_dtype, fail, gather_objects, is_main, print0, sum_over_processes
 from common.generation import generate
-from common.model import shared_prompt_logps
+from common.logps import shared_prompt_logps
 
 INITIAL = "eval_initial.jsonl"
 TABLE_ROWS = 8
@@ -242,7 +242,7 @@ def held_out_eval(args, tokenizer, device, annotator=None) -> HeldOutEval | None
     elif annotator is not None and spec == args.annotator:
         eval_annotator = annotator  # one reward model or judge in memory, not two
     else:
-        eval_annotator = make_annotator(spec, device, args.judge)
+        eval_annotator = make_annotator(spec, device, args.judge, compute_dtype(args.dtype, device))
     if eval_annotator is None and not toy.is_toy(args.dataset):
         print0("no held-out generation eval: no --eval_annotator to judge the samples (eval/score, eval/win_rate)")
         return None

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from transformers import DynamicCache
 
 from common.distributed import unsharded
+from common.logps import CACHE, prefill
 
 
 @dataclass
@@ -51,21 +51,10 @@ def generate(
     was_training = model.training
     model.eval()
     with unsharded(model):  # one all-gather for the whole loop, not one per token
-        positions = (prompt_attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
-        cache = DynamicCache()
-        logits = model(
-            input_ids=prompt_token_ids,
-            attention_mask=prompt_attention_mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
+        logits, cache, next_position = prefill(model, prompt_token_ids, prompt_attention_mask)
         cache.batch_repeat_interleave(num_samples)
-        logits, next_position = (
-            logits.repeat_interleave(num_samples, 0),
-            positions[:, -1:].repeat_interleave(num_samples, 0) + 1,
-        )
+        logits = logits[:, -1].repeat_interleave(num_samples, 0)
+        next_position = next_position.repeat_interleave(num_samples, 0)
         # the attention mask of prompt + response, filled in as tokens are sampled
         num_prompt = prompt_attention_mask.shape[1]
         attention_mask = torch.cat(
@@ -89,8 +78,8 @@ def generate(
                 input_ids=tokens[-1][:, None],
                 attention_mask=attention_mask[:, : num_prompt + t + 1],
                 position_ids=next_position,
-                past_key_values=cache,
                 use_cache=True,
+                **{CACHE: cache},
             ).logits[:, -1]
             next_position = next_position + 1
     model.train(was_training)

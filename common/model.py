@@ -1,23 +1,23 @@
-"""Loading tokenizers and causal LMs (the toy model or any transformers checkpoint) and log-prob gathering."""
+"""Loading tokenizers and models (the toy model or any transformers checkpoint): causal LMs, reward and value models;
+scoring text with a reward model; storing reference log-probs."""
 
 import importlib.util
 import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
-    DynamicCache,
 )
 
 from common import toy
 from common.batch import GENERATIONS, collate, interleave_responses, to_device, tokenize_records
 from common.distributed import all_reduce, fail
+from common.logps import shared_prompt_logps
 
 
 def attn_implementation(device: torch.device) -> str:
@@ -25,6 +25,16 @@ def attn_implementation(device: torch.device) -> str:
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def checkpoint_activations(model):
+    """Recompute each layer's activations in the backward pass (--gradient_checkpointing). transformers 5.23 renamed
+    the switch (activation_checkpointing_enable; the old name warns); earlier versions have only the old one."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_tokenizer(model_name_or_path: str):
@@ -64,112 +74,9 @@ def load_causal_lm(model_name_or_path: str, tokenizer, device: torch.device, gra
                 "--annotator reward_model:PATH"
             )
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
     model.config.use_cache = False  # training forwards; generation passes its own cache
     return model
-
-
-def response_logps(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, with_stats=False
-):
-    """log pi(y_t | x, y_<t) for every response token: (B, K) tensor, zero outside the response, and the
-    (B, K) response mask, where K counts positions from the batch's first response token on. The LM head
-    runs only on the positions that predict those tokens, not on the prompts. with_stats: also the forward's
-    per-token view, {"logps", "mask"} and `position_stats`, that a reweighter of the policy reads
-    (common/reweight.py)."""
-    first = max(int(response_mask.float().argmax(-1).min()), 1)  # earliest response token in the batch
-    predicting = torch.arange(first - 1, input_ids.shape[1] - 1, device=input_ids.device)  # positions first-1 .. T-2
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=predicting).logits  # (B, K, V)
-    mask = response_mask[:, first:]
-    logps = token_logps(logits, input_ids[:, first:]) * mask
-    if not with_stats:
-        return logps, mask
-    return logps, mask, {"logps": logps, "mask": mask} | {k: v * mask for k, v in position_stats(logits).items()}
-
-
-def shared_prompt_logps(
-    model,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    response_ids: torch.Tensor,
-    response_mask: torch.Tensor,
-    temperature: float = 1.0,
-    with_stats: bool = False,
-):
-    """log pi(y_t | x, y_<t) for every response token of several responses per prompt: (N, Tr), zero at padding.
-    prompt_ids (B, Tp) left-padded; response_ids (N, Tr) right-padded, N = n * B, with prompt i's n responses
-    at rows i*n .. i*n + n - 1 (common.batch.interleave_responses). The prompt runs once and its KV cache
-    serves its n responses, so a pair costs P + 2R tokens of compute instead of 2(P + R) (prefix sharing).
-    Gradient checkpointing keeps no cache: then each response runs after its own copy of the prompt.
-    With a temperature, of the distribution sampled from (logits / temperature); with_stats, also the per-token view
-    that a reweighter of the policy reads (common/reweight.py): {"logps", "mask"} and `position_stats` of that
-    distribution at each response token (those without gradient)."""
-    n, (num_prompt, num_response) = (
-        response_ids.shape[0] // prompt_ids.shape[0],
-        (prompt_ids.shape[1], response_ids.shape[1]),
-    )
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
-    response_positions = (
-        positions[:, -1:] + 1 + torch.arange(num_response, device=positions.device)
-    ).repeat_interleave(n, 0)
-    attention_mask = torch.cat([prompt_mask.repeat_interleave(n, 0), response_mask], 1)  # (N, Tp + Tr)
-
-    def score(logits, labels):  # (log-probs (N, K), stats) of labels under logits / temperature
-        logits = logits / temperature if temperature != 1.0 else logits
-        return token_logps(logits, labels), position_stats(logits) if with_stats else None
-
-    if any(getattr(layer, "gradient_checkpointing", False) for layer in model.model.layers):  # the layers' own switch
-        logits = model(
-            input_ids=torch.cat([prompt_ids.repeat_interleave(n, 0), response_ids], 1),
-            attention_mask=attention_mask,
-            position_ids=torch.cat([positions.repeat_interleave(n, 0), response_positions], 1),
-            logits_to_keep=torch.arange(num_prompt - 1, num_prompt + num_response - 1, device=prompt_ids.device),
-        ).logits
-        logps, stats = score(logits, response_ids)
-    else:
-        cache = DynamicCache()
-        first = model(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits  # (B, 1, V): predicts each response's first token
-        # these logits must reach the loss: FSDP2 gathers a layer's parameters for backward through hooks on the
-        # layer's outputs; were they unused, the backward through the cache would find the last layer resharded
-        cache.batch_repeat_interleave(n)  # the prompt's keys and values, once per response
-        rest = model(
-            input_ids=response_ids,
-            attention_mask=attention_mask,
-            position_ids=response_positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=torch.arange(num_response - 1, device=response_ids.device),
-        ).logits  # (N, Tr - 1, V)
-        scored = score(first.repeat_interleave(n, 0), response_ids[:, :1]), score(rest, response_ids[:, 1:])
-        logps = torch.cat([scored[0][0], scored[1][0]], 1)
-        stats = (
-            {key: torch.cat([scored[0][1][key], scored[1][1][key]], 1) for key in scored[0][1]} if with_stats else None
-        )
-    logps = logps * response_mask
-    if not with_stats:
-        return logps
-    return logps, {"logps": logps, "mask": response_mask} | {k: v * response_mask for k, v in stats.items()}
-
-
-@torch.no_grad()
-def position_stats(logits: torch.Tensor) -> dict:
-    """Of the distribution p = softmax(logits) at each position, (..., V) -> (...) each, in fp32:
-    entropy = -sum_v p_v log p_v, and log_p2 = log sum_v p_v^2 (the probability that two samples agree: WPO's
-    normaliser, common/reweight.py)."""
-    logps = torch.log_softmax(logits.float(), -1)
-    return {"entropy": -(logps.exp() * logps).sum(-1), "log_p2": torch.logsumexp(2 * logps, -1)}
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[label] at each position: (B, K, V), (B, K) -> (B, K), in fp32."""
-    return -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view(labels.shape)
 
 
 def load_reward_model(
@@ -208,7 +115,7 @@ def load_reward_model(
         )
     model.config.pad_token_id = tokenizer.pad_token_id
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
     model.config.use_cache = False
     return model
 
@@ -238,7 +145,7 @@ def load_value_model(model_name_or_path: str, tokenizer, device: torch.device, g
         if not from_reward_model:
             torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
     model.config.use_cache = False
     return model
 

@@ -8,7 +8,7 @@ Per step: prompts -> generate -> annotate -> reweight -> loss (DESIGN.md). Two m
 2. From the current policy, in the loop (policy, importance:PATH, python:M:F with two arguments): after the forward
    the loss already runs and before the loss, `policy_factors(batch, policy)` gets that forward's per-token
    log-probs, detached, and returns one factor per example (B,), which the script multiplies into the weights.
-   `policy` is the forward's per-token view (common.model's with_stats): {"logps": (B * n, T) log pi(y_t | x, y_<t),
+   `policy` is the forward's per-token view (common.logps' with_stats): {"logps": (B * n, T) log pi(y_t | x, y_<t),
    "log_p2": (B * n, T) log sum_v pi(v | x, y_<t)^2, "entropy", "mask": (B * n, T)} with example i's n responses
    (2 for pairs) at rows i*n .. i*n + n - 1, zero at padding.
    This is what counters the distribution shift of offline data: its responses come from another model rho, and
@@ -62,7 +62,7 @@ import time
 import torch
 
 from common.batch import GENERATIONS
-from common.distributed import fail, import_function, print0, shard_model, sum_over_processes
+from common.distributed import fail, import_function, prepare_model, print0, sum_over_processes
 
 FORMS = "none, confidence, policy, importance:PATH, python:MODULE:FUNCTION"
 IMPORTANCE_CLIP = 5.0  # importance:PATH truncates pi / rho here, before self-normalising
@@ -182,7 +182,7 @@ class ImportanceReweighter(Reweighter):
         self.stats.update(clipped=(ratios > IMPORTANCE_CLIP).sum().item())
         return ratios.clamp(max=IMPORTANCE_CLIP)
 
-    def prepare(self, rows: list[dict], tokenizer, device, batch_size: int):
+    def prepare(self, rows: list[dict], tokenizer, device, dtype, batch_size: int):
         """Store rho's summed log-prob of each response in its row (f"{g}_behaviour_logps"), once, before training."""
         from common.model import add_reference_logps, load_causal_lm, load_tokenizer
 
@@ -192,7 +192,8 @@ class ImportanceReweighter(Reweighter):
                 "log-probs of a response are not comparable; pass a behaviour model with the policy's tokenizer"
             )
         start = time.perf_counter()
-        behaviour = shard_model(load_causal_lm(self.behaviour_path, tokenizer, device), device, trainable=False)
+        behaviour = load_causal_lm(self.behaviour_path, tokenizer, device)
+        behaviour = prepare_model(behaviour, device, dtype, trainable=False)
         add_reference_logps(behaviour.eval(), rows, tokenizer.pad_token_id, batch_size, name="behaviour_logps")
         seconds = time.perf_counter() - start
         print0(f"behaviour log-probs of {len(rows)} examples under {self.behaviour_path} in {seconds:.1f} s")

@@ -10,7 +10,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from transformers import get_cosine_schedule_with_warmup
 
-from common.distributed import checkpoints, claim_output_dir, load_checkpoint, save_checkpoint, shard_model
+from common.distributed import checkpoints, claim_output_dir, load_checkpoint, prepare_model, save_checkpoint
 from common.model import load_causal_lm, load_tokenizer
 from conftest import REPO, run_script
 
@@ -22,7 +22,7 @@ class Run:
 
     def __init__(self):
         tokenizer = load_tokenizer("toy")
-        self.model = shard_model(load_causal_lm("toy", tokenizer, CPU), CPU)
+        self.model = prepare_model(load_causal_lm("toy", tokenizer, CPU), CPU, torch.float32, shard=True)  # FSDP2
         self.vocab_size = self.model.config.vocab_size
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, 0, 20)

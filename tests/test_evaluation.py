@@ -11,7 +11,8 @@ from common.annotators import Annotator, ToyAnnotator
 from common.batch import collate
 from common.evaluation import HeldOutEval
 from common.generation import generate
-from common.model import load_causal_lm, load_tokenizer, response_logps
+from common.logps import response_logps
+from common.model import load_causal_lm, load_tokenizer
 from conftest import read_metrics, run_script
 
 CPU = torch.device("cpu")
@@ -78,7 +79,7 @@ def test_win_rate_against_the_initial_policy_kept_across_resume(models, tmp_path
 
 def test_kl_is_the_mean_sequence_log_ratio(models, tmp_path):
     """eval/kl = mean over prompts of sum_t [log pi(y_t|x, y_<t) - log ref(y_t|x, y_<t)] of the policy's samples,
-    checked against full-sequence forwards (common.model.response_logps) of the same samples, drawn again with the
+    checked against full-sequence forwards (common.logps.response_logps) of the same samples, drawn again with the
     evaluation's seed and batches; the forward batch size does not change it."""
     sft, random_model, tokenizer = models
     evaluator = held_out(tokenizer, None, tmp_path, forward_batch_size=5)

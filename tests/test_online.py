@@ -223,11 +223,12 @@ def test_generate_runs_each_prompt_once_for_its_samples(world_of_one):
     from torch.distributed.tensor import DTensor
 
     from common.batch import pad
-    from common.distributed import shard_model
+    from common.distributed import prepare_model
     from common.generation import generate
 
     tokenizer = load_tokenizer("toy")
-    policy = shard_model(load_causal_lm("toy", tokenizer, torch.device("cpu")), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    policy = prepare_model(load_causal_lm("toy", tokenizer, cpu), cpu, torch.float32, shard=True)
     prompts = [tokenizer(p)["input_ids"] for p in ("a", "dbca=", "fedcba=")]
     options = dict(
         max_new_tokens=12, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, temperature=0.0

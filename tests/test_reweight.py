@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.model import load_tokenizer, position_stats
+from common.logps import position_stats
+from common.model import load_tokenizer
 from common.reweight import make_reweighter, self_normalise
 from conftest import read_metrics, run_script
 
@@ -274,7 +275,7 @@ def test_importance_needs_the_policy_tokenizer(tmp_path, bpe_tokenizer):
     bpe_tokenizer.save_pretrained(tmp_path / "other")
     reweighter = make_reweighter(f"importance:{tmp_path / 'other'}")
     with pytest.raises(SystemExit, match="its tokenizer differs from the policy's") as e:
-        reweighter.prepare([pair_row()], load_tokenizer("toy"), torch.device("cpu"), 4)
+        reweighter.prepare([pair_row()], load_tokenizer("toy"), torch.device("cpu"), torch.float32, 4)
     assert "\n" not in str(e.value)
 
 

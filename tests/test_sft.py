@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from common.model import load_causal_lm, load_tokenizer, response_logps
+from common.logps import response_logps
+from common.model import load_causal_lm, load_tokenizer
 from conftest import REPO, read_metrics, run_script, script_env
 
 FAST = [
