@@ -1,6 +1,7 @@
 """The benchmark ratios against TRL as one PNG: for each pair, the newest line of benchmarks/results.jsonl (what
-benchmarks/run.py appends), as two bars: throughput, ours / TRL, and peak memory, TRL / ours (both > 1 where ours is
-ahead). Runs on TRL's exact batches (run.py --ungrouped) are left out unless --ungrouped.
+benchmarks/run.py appends on a CPU), as two bars: throughput, ours / TRL, and peak memory, TRL / ours (both > 1 where
+ours is ahead). Runs on TRL's exact batches (run.py --ungrouped) are left out unless --ungrouped; GPU lines
+(benchmarks/gpu.py's, which name their `device`) are left out.
 
     python benchmarks/run.py && python benchmarks/figure.py      # measure, then draw
     python benchmarks/figure.py --out benchmarks/figures/ratios_vs_trl.png
@@ -21,6 +22,8 @@ def newest(results: Path, ungrouped: bool) -> list[dict]:
     latest = {}
     for number, text in enumerate(open(results), start=1):
         line = json.loads(text)
+        if "device" in line:  # a GPU measurement (benchmarks/gpu.py)
+            continue
         missing = {"pair", "date", "ratio", "ours_peak_mib", "trl_peak_mib"} - set(line)
         if missing:
             raise SystemExit(f"{results}:{number}: missing {sorted(missing)}")
