@@ -9,7 +9,7 @@ For each pair, with y+ the preferred response (the generation with the higher re
         losses = -log sigmoid(beta * logits) * (1 - eps) - log sigmoid(-beta * logits) * eps
     ipo (Azar et al. 2023, eq. 17; log-probs averaged over each response's tokens, as its authors advise):
         losses = (logits - 1 / (2 * beta)) ** 2
-    loss = sum_pairs weights * losses / num_pairs        (num_pairs: pairs in the global batch)
+    loss = sum_pairs weights * losses / num_pairs        (num_pairs: trainable pairs in the global batch)
 
 https://arxiv.org/abs/2305.18290  https://arxiv.org/abs/2310.12036  https://ericmitchell.ai/cdpo.pdf
 
@@ -26,12 +26,13 @@ Departures from the paper:
 1. The reference is the initial policy. Offline, its log-probs are computed once before training
    (--precompute_ref_logps) and the reference model is dropped, so training holds one model.
 2. A pair's weight is the mean of its two generations' weights (a dataset column, times --reweighter's factor).
-3. Online, pairs the annotator calls a tie, or fails on, are dropped (`label_pair`), and more prompts are
-   sampled, so every step trains on a full batch of labelled pairs.
+3. Online, pairs the annotator calls a tie, or fails on, are dropped (`label_pairs`), and more prompts are sampled
+   until the step is full; if it cannot be filled (common/online.py), the rest of it is dropped pairs that no loss
+   or diagnostic counts (`trainable`).
 """
 
+import math
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,41 +41,30 @@ import torch.nn.functional as F
 import tyro
 from transformers import get_cosine_schedule_with_warmup
 
-from common import toy
+from common import online
 from common.annotators import JudgeArgs, make_annotator
-from common.batch import (
-    BatchFactory,
-    OnlineBatchFactory,
-    interleave_responses,
-    shard_batches,
-    to_device,
-    tokenize_records,
-)
-from common.data import load_eval_records, load_records
+from common.batch import interleave_responses, micro_batches, offline_data, shard_batches, to_device, training_tokens
+from common.checkpoint import claim_output_dir, load_checkpoint, save_checkpoint, save_pretrained
+from common.data import load_records
 from common.distributed import (
     FiniteSteps,
-    Tracker,
     all_reduce,
-    claim_output_dir,
     cleanup,
     clip_grad_norm,
     compute_dtype,
-    fail,
     init_distributed,
-    load_checkpoint,
     prepare_model,
     print0,
-    save_checkpoint,
-    save_pretrained,
     sum_over_processes,
     sync_gradients,
 )
-from common.evaluation import held_out_eval
-from common.flags import check_shared_args, require
+from common.evaluation import EvalArgs, held_out_eval
+from common.flags import check_dataset_args, check_eval_args, check_online_args, check_shared_args, fail, require
 from common.generation import GenerationArgs
-from common.logps import shared_prompt_logps
-from common.model import add_reference_logps, load_causal_lm, load_tokenizer
-from common.reweight import make_reweighter, self_normalise
+from common.logps import precompute_logps, shared_prompt_logps
+from common.model import load_causal_lm, load_tokenizer
+from common.reweight import check_reweighter, make_reweighter, self_normalise
+from common.tracking import Means, Tracker
 
 
 @dataclass
@@ -114,16 +104,16 @@ class Args:
     eval_split: str = "test"
     """split of the held-out data"""
     max_length: int = 512
-    """longest prompt + response in tokens"""
+    """longest prompt + response in tokens of the dataset's examples"""
     max_prompt_length: int = 256
     """longest prompt in tokens (longer prompts keep their end)"""
     group_by_length: bool = True
     """batch examples of similar length together (less padding); the order of batches stays random"""
     reweighter: str = "none"
-    """how much each example counts: none (the data's weights), confidence (online pairs: |2p - 1|, p the annotator's
+    """how much each pair counts: none (the data's weights), confidence (--online: |2p - 1|, p the annotator's
     probability that generation1 is better), policy (WPO: the responses' probability under the policy),
-    importance:PATH (pi / rho against the model PATH that wrote the data; offline), or python:MODULE:FUNCTION
-    (common/reweight.py says which script takes which)"""
+    importance:PATH (offline: pi / rho against the model PATH that wrote the data), or python:MODULE:FUNCTION
+    (common/reweight.py)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
@@ -170,29 +160,15 @@ class Args:
     eval_every: int = 50
     """evaluate every this many steps (and at the start and the end)"""
     num_eval_examples: int = 512
-    """held-out examples (pairs, in the pairwise scripts) for eval/loss"""
-    num_eval_prompts: int = 512
-    """held-out prompts sampled at each evaluation (eval/score, eval/win_rate, eval/kl; eval/reward on toy); 0: none"""
-    eval_annotator: str | None = None
-    """judge of the held-out samples, in --annotator's forms, or none; default: the training annotator (--online,
-    rl_ppo.py), toy on the toy task, else none (then nothing is sampled)"""
-    eval_temperature: float = 1.0
-    """sampling temperature of the held-out samples (1.0 measures the policy itself, not its mode)"""
-    eval_batch_size: int = 128
-    """held-out prompts sampled at a time on each process"""
-
-
-def dpo_loss(logits, beta, loss_type, label_smoothing):
-    """Per-pair losses (B,), unweighted, from logits = pi_logratios - ref_logratios (B,)."""
-    if loss_type == "ipo":
-        return (logits - 1 / (2 * beta)) ** 2
-    return -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    """held-out examples (pairs, in the pairwise scripts) that each evaluation scores as in training (eval/loss,
+    eval/rewards/*); offline runs"""
+    eval: EvalArgs = field(default_factory=EvalArgs)
 
 
 def pair_logps(model, batch, with_stats=False):
-    """log pi(y|x) of both generations of every pair, (B, 2): summed over response tokens (IPO divides by
-    `pair_lengths`), each prompt run once for both responses; and, with_stats, the per-token view that a
-    reweighter of the policy reads (common/reweight.py), else None."""
+    """log pi(y|x) of both generations of every pair, (B, 2): summed over response tokens, each prompt run once for
+    both responses; and, with_stats, the per-token view that a reweighter of the policy reads (common/reweight.py),
+    else None."""
     response_ids, response_mask = interleave_responses(batch)  # (2B, Tr): a pair's rows adjacent
     inputs = batch["prompt_token_ids"], batch["prompt_attention_mask"], response_ids, response_mask
     if not with_stats:
@@ -201,32 +177,68 @@ def pair_logps(model, batch, with_stats=False):
     return token_logps.sum(-1).view(-1, 2), seen
 
 
-def pair_lengths(batch):
-    """Response tokens of both generations of every pair, (B, 2)."""
-    return torch.stack([batch["generation1_response_mask"].sum(-1), batch["generation2_response_mask"].sum(-1)], 1)
-
-
-def chosen_rejected(logps, batch):
+def chosen_rejected(values, batch):
     """(B, 2) values of (generation1, generation2) -> (chosen, rejected), each (B,): the chosen generation is the one
     with the higher reward (generation1 in offline data, either one online)."""
     generation2_preferred = batch["generation2_reward"] > batch["generation1_reward"]
     return (
-        torch.where(generation2_preferred, logps[:, 1], logps[:, 0]),
-        torch.where(generation2_preferred, logps[:, 0], logps[:, 1]),
+        torch.where(generation2_preferred, values[:, 1], values[:, 0]),
+        torch.where(generation2_preferred, values[:, 0], values[:, 1]),
     )
 
 
-def label_pair(preference):
-    """Online: the annotator's probability that generation1 is better -> (generation1_reward, generation2_reward), or
-    None to drop the pair (departure 3): a failed verdict (None) or a tie (0.5) says nothing about which is better."""
-    if preference is None or preference == 0.5:
-        return None
-    return float(preference > 0.5), float(preference < 0.5)
+def dpo_loss(policy_logps, reference_logps, batch, args):
+    """The loss of every pair (B,), unweighted, and its diagnostics ({name: (B,)}, no gradient), from the log-probs of
+    both generations (B, 2) under the policy and the reference: the loop's and the evaluation's, written once."""
+    if args.loss_type == "ipo":  # IPO compares per-token averages, so beta does not depend on response length
+        lengths = torch.stack(
+            [batch[f"{g}_response_attention_mask"].sum(-1) for g in ("generation1", "generation2")], 1
+        )
+        policy_logps, reference_logps = policy_logps / lengths, reference_logps / lengths
+    policy_chosen_logps, policy_rejected_logps = chosen_rejected(policy_logps, batch)
+    reference_chosen_logps, reference_rejected_logps = chosen_rejected(reference_logps, batch)
+    pi_logratios = policy_chosen_logps - policy_rejected_logps
+    ref_logratios = reference_chosen_logps - reference_rejected_logps
+    logits = pi_logratios - ref_logratios
+    if args.loss_type == "ipo":
+        losses = (logits - 1 / (2 * args.beta)) ** 2
+    else:
+        eps = args.label_smoothing
+        losses = -F.logsigmoid(args.beta * logits) * (1 - eps) - F.logsigmoid(-args.beta * logits) * eps
+    with torch.no_grad():  # implicit rewards r = beta * (log pi - log ref) of each response
+        chosen_rewards = args.beta * (policy_chosen_logps - reference_chosen_logps)
+        rejected_rewards = args.beta * (policy_rejected_logps - reference_rejected_logps)
+        return losses, {
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "logps/chosen": policy_chosen_logps,
+            "logps/rejected": policy_rejected_logps,
+        }
+
+
+def label_pairs(prompts, samples, preferences) -> list[list[dict]]:
+    """Online: each prompt's two samples and the annotator's probability that the first is better -> the prompt's
+    group (one pair): generation1_reward 1.0 where the annotator prefers it, else 0.0, generation2's the other way;
+    `preference` kept on the row. A failed verdict (None) or a tie (0.5) says nothing about which is better: the pair
+    is not trainable (departure 3)."""
+    groups = []
+    for prompt, pair, preference in zip(prompts, samples, preferences):
+        known = preference is not None and preference != 0.5
+        rewards = (float(preference > 0.5), float(preference < 0.5)) if known else (math.nan, math.nan)
+        groups.append([online.example(prompt, pair, rewards, trainable=known) | {"preference": preference}])
+    return groups
 
 
 def check_args(args: Args):
-    """Every flag's range, before any work; common.flags checks the flags all scripts share."""
+    """Every flag's range, before any work; common.flags checks the flags the scripts share."""
     check_shared_args(args)
+    check_dataset_args(args)
+    check_eval_args(args.eval, args.generation.max_new_tokens, args.dataset)
+    if args.online:
+        check_online_args(args)
+    check_reweighter(args.reweighter, ("none", "confidence", "policy", "importance", "python"), "dpo_pairwise.py")
     require(args.beta > 0, "beta", args.beta, "must be above 0")
     require(0 <= args.label_smoothing <= 0.5, "label_smoothing", args.label_smoothing, "must be in [0, 0.5]")
     if args.loss_type == "ipo":
@@ -260,95 +272,59 @@ def main(args: Args):
     policy = prepare_model(policy, device, dtype)
     eval_rows = []
     if args.online:  # the pairs are sampled and annotated every step
-        factory = OnlineBatchFactory(
-            records,
-            tokenizer,
-            policy,
-            annotator,
-            num_generations=2,
-            label=label_pair,
-            generation=args.generation,
-            max_prompt_length=args.max_prompt_length,
-            micro_batch_size=args.per_device_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            seed=args.seed,
-            group_by_length=args.group_by_length,
-            reweighter=reweighter,
-            sample_reward=toy.true_reward if toy.is_toy(args.dataset) else None,
-        )
+        size = args.per_device_batch_size * args.gradient_accumulation_steps
+        data = sampler = online.OnlineSampler.from_args(args, records, tokenizer, annotator, device, size)
     else:
-        factory = BatchFactory(
-            tokenize_records(records, tokenizer, args.max_length, args.max_prompt_length),
-            pad_token_id=tokenizer.pad_token_id,
-            micro_batch_size=args.per_device_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            seed=args.seed,
-            group_by_length=args.group_by_length,
-            reweighter=reweighter,
-        )
-        eval_records = load_eval_records(
-            args.dataset, args.eval_dataset, args.eval_split, "pairwise", args.num_eval_examples
-        )
-        if eval_records:
-            eval_rows = tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length)
-            # equal shares: FSDP forwards are collectives
-            eval_rows = eval_rows[: len(eval_rows) // world_size * world_size]
+        factory, eval_rows = offline_data(args, records, "pairwise", tokenizer, reweighter)
+        data = factory
         if reweighter is not None and reweighter.behaviour_path:  # importance: rho's log-probs, once
-            reweighter.prepare(factory.rows_until(args.max_steps), tokenizer, device, dtype, args.per_device_batch_size)
+            used = factory.indices_until(args.max_steps)
+            reweighter.prepare(factory.rows, used, tokenizer, device, dtype, args.per_device_batch_size)
 
-    # where the reference log-probs of a batch's pairs, (B, 2), come from: chosen here, once. The reference is the
-    # initial policy, loaded again (so --resume gets it too) and frozen.
-    if args.reference_free:
-        reference = None
+    # The reference is the initial policy, loaded again (so --resume gets it too) and frozen: a model that scores each
+    # batch (online, and offline with --no-precompute_ref_logps), or offline a table of its log-probs of every pair the
+    # run scores, computed once before training by the model, which is then dropped (departure 1); neither with
+    # --reference_free. The table: {"train": (dataset rows, 2), "eval": (held-out rows, 2)}, read by a batch's `index`.
+    reference_model, reference_table = None, None
+    if not args.reference_free:
+        reference_model = load_causal_lm(args.model_name_or_path, tokenizer, device)
+        reference_model = prepare_model(reference_model, device, dtype, trainable=False).eval()
+    if not args.reference_free and args.precompute_ref_logps and not args.online:
+        start, used = time.perf_counter(), factory.indices_until(args.max_steps)
+        rows = [factory.rows[i] for i in used] + eval_rows
+        logps = precompute_logps(reference_model, rows, tokenizer.pad_token_id, args.per_device_batch_size)
+        reference_table = {"train": torch.full((len(factory.rows), 2), math.nan), "eval": logps[len(used) :]}
+        reference_table["train"][used] = logps[: len(used)]
+        print0(f"reference log-probs of {len(rows)} pairs in {time.perf_counter() - start:.1f} s (no eval/kl)")
+        reference_model = None  # training holds one model
 
-        def reference_pair_logps(batch):
-            return torch.zeros(len(batch["prompt"]), 2, device=device)
-    elif args.precompute_ref_logps and not args.online:  # once, for every pair this run scores (training and held-out)
-        start, used = time.perf_counter(), factory.rows_until(args.max_steps) + eval_rows
-        reference = load_causal_lm(args.model_name_or_path, tokenizer, device)
-        reference = prepare_model(reference, device, dtype, trainable=False).eval()
-        add_reference_logps(reference, used, tokenizer.pad_token_id, args.per_device_batch_size)
-        print0(f"reference log-probs of {len(used)} pairs in {time.perf_counter() - start:.1f} s")
-        reference = None  # training holds one model
-
-        def reference_pair_logps(batch):
-            return torch.stack([batch["generation1_reference_logps"], batch["generation2_reference_logps"]], 1)
-    else:  # online pairs are new every step: the reference model runs on them
-        reference = load_causal_lm(args.model_name_or_path, tokenizer, device)
-        reference = prepare_model(reference, device, dtype, trainable=False).eval()
-
-        def reference_pair_logps(batch):
+    def reference_pair_logps(batch, split="train"):
+        """log ref(y|x) of both generations of every pair of the batch, (B, 2)."""
+        if reference_table is not None:
+            return reference_table[split][batch["index"].cpu()].to(device)
+        if reference_model is not None:
             with torch.no_grad():
-                return pair_logps(reference, batch)[0]
+                return pair_logps(reference_model, batch)[0]
+        return torch.zeros(len(batch["prompt"]), 2, device=device)  # --reference_free: ref_logratios = 0
 
     eval_batches = shard_batches(eval_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
-    held_out = held_out_eval(args, tokenizer, device, annotator)
+    held_out = held_out_eval(args, tokenizer, device, dtype, annotator, args.annotator)
 
     @torch.no_grad()
-    def evaluate(step: int) -> dict:
+    def evaluate(step: int, tracker: Tracker) -> dict:
         """eval/loss (unweighted) and eval/rewards/* over held-out pairs; the held-out samples' eval/*
         (common/evaluation.py; eval/kl where the reference model is kept)."""
-        metrics, sums = {}, defaultdict(float)
+        means = Means()
         for batch in eval_batches:
-            policy_logps, reference_logps = pair_logps(policy, batch)[0], reference_pair_logps(batch)
-            if args.loss_type == "ipo":
-                policy_logps = policy_logps / pair_lengths(batch)
-                reference_logps = reference_logps / pair_lengths(batch)
-            policy_chosen_logps, policy_rejected_logps = chosen_rejected(policy_logps, batch)
-            reference_chosen_logps, reference_rejected_logps = chosen_rejected(reference_logps, batch)
-            pi_logratios = policy_chosen_logps - policy_rejected_logps
-            ref_logratios = reference_chosen_logps - reference_rejected_logps
-            logits = pi_logratios - ref_logratios
-            losses = dpo_loss(logits, args.beta, args.loss_type, args.label_smoothing)
-            chosen_rewards = args.beta * (policy_chosen_logps - reference_chosen_logps)
-            rejected_rewards = args.beta * (policy_rejected_logps - reference_rejected_logps)
-            sums["eval/loss"] += losses.sum()
-            sums["eval/rewards/accuracies"] += (chosen_rewards > rejected_rewards).float().sum()
-            sums["eval/rewards/margins"] += (chosen_rewards - rejected_rewards).sum()
-        if eval_rows:
-            metrics |= {name: value / len(eval_rows) for name, value in sum_over_processes(sums).items()}
+            losses, diagnostics = dpo_loss(
+                pair_logps(policy, batch)[0], reference_pair_logps(batch, "eval"), batch, args
+            )
+            means.add("eval/loss", losses)
+            for name in ("rewards/accuracies", "rewards/margins"):
+                means.add(f"eval/{name}", diagnostics[name])
+        metrics = means.result()
         if held_out is not None:
-            metrics |= held_out(step, policy, reference, tracker)
+            metrics |= held_out(step, policy, reference_model, tracker)
         return metrics
 
     optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
@@ -356,93 +332,90 @@ def main(args: Args):
     start_step = 0
     if args.resume:
         start_step, data_state = load_checkpoint(args.output_dir, policy, optimizer, scheduler)
-        factory.load_state_dict(data_state)
-    tracker = Tracker(args, resume_step=start_step if args.resume else None)
+        data.load_state_dict(data_state)
+    derived = {"global_batch_size": global_batch_size, "world_size": world_size, "learning_rate": args.learning_rate}
+    tracker = Tracker(args, run_id, derived, resume_step=start_step if args.resume else None)
     if start_step == 0:
-        tracker.log(0, evaluate(0))
+        tracker.log(0, evaluate(0, tracker))
 
     finite = FiniteSteps(dtype)  # a non-finite loss or gradient never reaches the weights
     policy.train()
     for step in tracker.progress(range(start_step, args.max_steps), args.max_steps):  # a bar with loss, tokens/s
         step_start = time.perf_counter()
-        # 1. get batch: this process's micro-batches of pairs for one optimizer step (sampled + annotated when --online)
-        batches = [to_device(b, device) for b in factory.next_step()]
-        num_pairs = all_reduce(sum(len(b["prompt"]) for b in batches)).item()
-        sums = defaultdict(float)  # per-step sums of the logged metrics, by name
+        # 1. get batch: this process's micro-batches of pairs for one optimizer step. --online: sample two responses
+        # to each prompt, ask the annotator which is better, keep the pairs it prefers one of (label_pairs), and
+        # sample more prompts while too few were kept (common/online.py)
+        if args.online:
+            for prompts in sampler.rounds():
+                samples = sampler.sample(policy, prompts, num_samples=2)  # per prompt: its two responses
+                responses1, responses2 = ([pair[i]["response"] for pair in samples] for i in (0, 1))
+                preferences = annotator.prefer([p["raw_prompt"] for p in prompts], responses1, responses2)
+                sampler.add(label_pairs(prompts, samples, preferences), failed=preferences.count(None))
+            rows = sampler.step_rows()
+            rows = reweighter(rows) if reweighter is not None else rows
+            batches = micro_batches(rows, args.per_device_batch_size, tokenizer.pad_token_id)
+        else:
+            batches = factory.next_step()
+        batches = [to_device(b, device) for b in batches]
+        batch_seconds = time.perf_counter() - step_start
+        num_pairs = max(all_reduce(sum(b["trainable"].sum() for b in batches)).item(), 1)  # trainable pairs, global
+        means, step_loss = Means(), 0.0
         for i, batch in enumerate(batches):
             sync_gradients(policy, i == len(batches) - 1)  # reduce gradients once per step
-            # 2. forward: log-probs of both responses of each pair, (B, 2), then oriented into chosen and rejected
+            # 2. forward: log-probs of both responses of each pair, (B, 2)
             policy_logps, seen = pair_logps(policy, batch, with_stats=sees_policy)
             reference_logps = reference_pair_logps(batch)
-            if args.loss_type == "ipo":  # IPO compares per-token averages, so beta does not depend on response length
-                policy_logps = policy_logps / pair_lengths(batch)
-                reference_logps = reference_logps / pair_lengths(batch)
-            policy_chosen_logps, policy_rejected_logps = chosen_rejected(policy_logps, batch)
-            reference_chosen_logps, reference_rejected_logps = chosen_rejected(reference_logps, batch)
-            weights = (batch["generation1_weight"] + batch["generation2_weight"]) / 2  # (B,), departure 2
+            weights = (batch["generation1_weight"] + batch["generation2_weight"]) / 2 * batch["trainable"]  # dep. 2
             if sees_policy:  # factors from this forward (WPO, importance weights), constants to the loss
                 weights = reweighter.reweigh(batch, seen, weights)
 
-            # 3. loss: weighted losses summed over this micro-batch, divided by the global pair count; the
-            # micro-batches add up to this process's share of the global mean, and FSDP averages gradients
-            # over processes, so * world_size makes their sum the global mean
-            pi_logratios = policy_chosen_logps - policy_rejected_logps
-            ref_logratios = reference_chosen_logps - reference_rejected_logps
-            logits = pi_logratios - ref_logratios
-            losses = dpo_loss(logits, args.beta, args.loss_type, args.label_smoothing)
+            # 3. loss: weighted losses summed over this micro-batch, divided by the global count of trainable pairs;
+            # the micro-batches add up to this process's share of the global mean, and FSDP averages gradients over
+            # processes, so * world_size makes their sum the global mean
+            losses, diagnostics = dpo_loss(policy_logps, reference_logps, batch, args)
             loss = (weights * losses).sum() / num_pairs * world_size
             loss.backward()
-
-            with torch.no_grad():  # diagnostics: implicit rewards r = beta * (log pi - log ref) of each response
-                chosen_rewards = args.beta * (policy_chosen_logps - reference_chosen_logps)
-                rejected_rewards = args.beta * (policy_rejected_logps - reference_rejected_logps)
-                sums["train/loss"] += (weights * losses).sum()
-                sums["rewards/chosen"] += chosen_rewards.sum()
-                sums["rewards/rejected"] += rejected_rewards.sum()
-                sums["rewards/margins"] += (chosen_rewards - rejected_rewards).sum()
-                sums["rewards/accuracies"] += (chosen_rewards > rejected_rewards).float().sum()
-                sums["logps/chosen"] += policy_chosen_logps.sum()
-                sums["logps/rejected"] += policy_rejected_logps.sum()
+            step_loss += loss.detach()
+            means.add("train/loss", weights * losses, batch["trainable"])
+            for name, values in diagnostics.items():  # each a mean over the step's trainable pairs
+                means.add(name, values, batch["trainable"])
         # 4. step, unless the loss or a gradient is not finite (importance weights: every factor over the step's mean
         # factor, all micro-batches and processes)
-        sums["train/loss"] /= self_normalise(reweighter, policy)
+        normaliser = self_normalise(reweighter, policy)
         grad_norm = clip_grad_norm(policy, args.max_grad_norm)
-        if finite(f"step {step + 1}", sums["train/loss"], grad_norm):
+        if finite(f"step {step + 1}", step_loss, grad_norm):
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # 5. log: one object per step in metrics.jsonl; each per-pair sum over all processes / the global pair count
+        # 5. log: one object per step in metrics.jsonl
         metrics = {}
         if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
-            num_tokens = sum(
-                b["generation1_attention_mask"].sum() + b["generation2_attention_mask"].sum() for b in batches
-            )
-            num_tokens = all_reduce(num_tokens).item()
             elapsed = time.perf_counter() - step_start
-            metrics |= {name: value / num_pairs for name, value in sum_over_processes(sums).items()}
+            metrics |= means.result()
+            if "train/loss" in metrics:  # importance weights: the loss the self-normalised factors give
+                metrics["train/loss"] /= normaliser
             metrics |= {
                 "train/grad_norm": grad_norm,
                 "train/nonfinite_steps": finite.skipped,
                 "train/lr": scheduler.get_last_lr()[0],
-                "train/tokens_per_s": num_tokens / elapsed,
+                "train/tokens_per_s": all_reduce(training_tokens(batches)).item() / elapsed,
                 "train/pairs_per_s": num_pairs / elapsed,
             }
             if reweighter is not None:
                 metrics |= reweighter.metrics(sum_over_processes(reweighter.stats))
-            if args.online:
-                metrics |= factory.metrics(sum_over_processes(factory.stats))
-                tracker.log_samples(step + 1, factory.samples)
+            if args.online:  # seconds of the step: sampling, then the annotator (with the rest of phase 1), then update
+                metrics |= online.metrics(sum_over_processes(sampler.stats))
+                seconds = {"sampling": sampler.stats["sampling_seconds"], "update": elapsed - batch_seconds}
+                seconds["scoring"] = batch_seconds - seconds["sampling"]
+                metrics |= {f"time/{k}": v / world_size for k, v in sum_over_processes(seconds).items()}
+                tracker.log_table(step + 1, "online_samples", online.sample_table(rows))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
-            eval_metrics = evaluate(step + 1)
-            metrics |= eval_metrics
-            print0(
-                f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items() if "per_s" not in k)
-            )
+            metrics |= evaluate(step + 1, tracker)
         if metrics:
             tracker.log(step + 1, metrics)
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(args.output_dir, step + 1, policy, optimizer, scheduler, factory.state_dict(), run_id)
+            save_checkpoint(args.output_dir, step + 1, policy, optimizer, scheduler, data.state_dict(), run_id)
 
     save_pretrained(policy, tokenizer, args.output_dir)
     print0(f"saved to {args.output_dir}")

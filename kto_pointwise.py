@@ -9,14 +9,15 @@ reward and z_ref the reference point (Ethayarajh et al. 2024, eq. 8):
     v         = desirable_weight   * sigmoid(beta * (rewards - z_ref))   for a desirable y
                 undesirable_weight * sigmoid(beta * (z_ref - rewards))   for an undesirable y
     losses    = lambda_y - v                                      (lambda_y: the weight of y's class)
-    loss      = sum_examples weights * losses / num_examples      (num_examples: examples in the global batch)
+    loss      = sum_examples weights * losses / num_examples      (num_examples: trainable examples of the global batch)
 
 https://arxiv.org/abs/2402.01306
 
-The mismatched pairs pair each example of the global step (every micro-batch on every process) with the response
-of the next example of that step, in the order of their positions (common.batch's `position`), and kl is their mean
-over the whole step: so z_ref, and the result, do not depend on how the batch is split. It costs one forward
-without gradient per example, before the training forwards (it must be known before the first loss).
+The mismatched pairs (`mismatched_partners`) pair each example of the global step (every micro-batch on every process)
+with the response of the next example of that step, in the order of their positions (common.batch's `position`), that
+answers another prompt; kl is their mean over the whole step: so z_ref, and the result, do not depend on how the batch
+is split. It costs one forward without gradient per example, before the training forwards (it must be known before the
+first loss).
 
     python sft.py --output_dir runs/sft && python kto_pointwise.py --model_name_or_path runs/sft
     python kto_pointwise.py --model_name_or_path runs/sft --online
@@ -32,12 +33,12 @@ Departures from the paper:
 4. Online, the annotator's scores become labels by `label_threshold`: at or above --label_threshold (the median
    of the global step's scores by default) desirable, below it undesirable. A score equal to the median counts as
    desirable: with few distinct scores (a verifiable reward) many samples sit on it, often the best score there is.
+   Samples the annotator fails on are dropped, and more prompts sampled (common/online.py).
 """
 
 import math
 import statistics
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -45,35 +46,31 @@ import torch
 import tyro
 from transformers import get_cosine_schedule_with_warmup
 
-from common import toy
+from common import online
 from common.annotators import JudgeArgs, make_annotator
-from common.batch import BatchFactory, OnlineBatchFactory, pad, shard_batches, to_device, tokenize_records
-from common.data import load_eval_records, load_records
+from common.batch import micro_batches, offline_data, pad, shard_batches, to_device, training_tokens
+from common.checkpoint import claim_output_dir, load_checkpoint, save_checkpoint, save_pretrained
+from common.data import load_records
 from common.distributed import (
     FiniteSteps,
-    Tracker,
     all_reduce,
-    claim_output_dir,
     cleanup,
     clip_grad_norm,
     compute_dtype,
-    fail,
     gather_objects,
     init_distributed,
-    load_checkpoint,
     prepare_model,
     print0,
-    save_checkpoint,
-    save_pretrained,
     sum_over_processes,
     sync_gradients,
 )
-from common.evaluation import held_out_eval
-from common.flags import check_shared_args, require
+from common.evaluation import EvalArgs, held_out_eval
+from common.flags import check_dataset_args, check_eval_args, check_online_args, check_shared_args, fail, require
 from common.generation import GenerationArgs
-from common.logps import shared_prompt_logps
-from common.model import add_reference_logps, load_causal_lm, load_tokenizer
-from common.reweight import make_reweighter, self_normalise
+from common.logps import precompute_logps, shared_prompt_logps
+from common.model import load_causal_lm, load_tokenizer
+from common.reweight import check_reweighter, make_reweighter, self_normalise
+from common.tracking import Means, Tracker
 
 
 @dataclass
@@ -113,16 +110,15 @@ class Args:
     eval_split: str = "test"
     """split of the held-out data"""
     max_length: int = 512
-    """longest prompt + response in tokens"""
+    """longest prompt + response in tokens of the dataset's examples"""
     max_prompt_length: int = 256
     """longest prompt in tokens (longer prompts keep their end)"""
     group_by_length: bool = True
     """batch examples of similar length together (less padding); the order of batches stays random"""
     reweighter: str = "none"
-    """how much each example counts: none (the data's weights), confidence (online pairs: |2p - 1|, p the annotator's
-    probability that generation1 is better), policy (WPO: the responses' probability under the policy),
-    importance:PATH (pi / rho against the model PATH that wrote the data; offline), or python:MODULE:FUNCTION
-    (common/reweight.py says which script takes which)"""
+    """how much each example counts: none (the data's weights), policy (WPO: the response's probability under the
+    policy), importance:PATH (offline: pi / rho against the model PATH that wrote the data), or python:MODULE:FUNCTION
+    (common/reweight.py)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
@@ -170,24 +166,27 @@ class Args:
     eval_every: int = 50
     """evaluate every this many steps (and at the start and the end)"""
     num_eval_examples: int = 512
-    """held-out examples (pairs, in the pairwise scripts) for eval/loss"""
-    num_eval_prompts: int = 512
-    """held-out prompts sampled at each evaluation (eval/score, eval/win_rate, eval/kl; eval/reward on toy); 0: none"""
-    eval_annotator: str | None = None
-    """judge of the held-out samples, in --annotator's forms, or none; default: the training annotator (--online,
-    rl_ppo.py), toy on the toy task, else none (then nothing is sampled)"""
-    eval_temperature: float = 1.0
-    """sampling temperature of the held-out samples (1.0 measures the policy itself, not its mode)"""
-    eval_batch_size: int = 128
-    """held-out prompts sampled at a time on each process"""
+    """held-out examples (pairs, in the pairwise scripts) that each evaluation scores as in training (eval/loss,
+    eval/rewards/*); offline runs"""
+    eval: EvalArgs = field(default_factory=EvalArgs)
 
 
-def kto_loss(rewards, z_ref, desirable, beta, desirable_weight, undesirable_weight):
-    """Per-example losses (B,), unweighted: lambda_y - v (eq. 8), from rewards = log pi - log ref (B,), the reference
-    point z_ref (a number) and which examples are desirable (B,) bool."""
-    v_desirable = desirable_weight * torch.sigmoid(beta * (rewards - z_ref))
-    v_undesirable = undesirable_weight * torch.sigmoid(beta * (z_ref - rewards))
-    return torch.where(desirable, desirable_weight - v_desirable, undesirable_weight - v_undesirable)
+def kto_loss(policy_logps, reference_logps, z_ref, desirable, args):
+    """The loss of every example (B,), unweighted: lambda_y - v (eq. 8), and its diagnostics ({name: (values, mask)},
+    no gradient), from log pi(y|x) and log ref(y|x) (B,), the reference point z_ref (a number) and which examples are
+    desirable (B,) bool: the loop's and the evaluation's, written once."""
+    rewards = policy_logps - reference_logps  # r
+    v_desirable = args.desirable_weight * torch.sigmoid(args.beta * (rewards - z_ref))
+    v_undesirable = args.undesirable_weight * torch.sigmoid(args.beta * (z_ref - rewards))
+    losses = torch.where(desirable, args.desirable_weight - v_desirable, args.undesirable_weight - v_undesirable)
+    with torch.no_grad():  # implicit rewards beta * r and log-probs of each class
+        return losses, {
+            "rewards/desirable": (args.beta * rewards, desirable),
+            "rewards/undesirable": (args.beta * rewards, ~desirable),
+            "logps/desirable": (policy_logps, desirable),
+            "logps/undesirable": (policy_logps, ~desirable),
+            "train/desirable_fraction": (desirable.float(), None),
+        }
 
 
 def sequence_logps(model, batch, response_ids=None, response_mask=None, with_stats=False):
@@ -195,10 +194,8 @@ def sequence_logps(model, batch, response_ids=None, response_mask=None, with_sta
     to the batch's prompts instead (the mismatched pairs). with_stats: also the per-token view that a reweighter of
     the policy reads (common/reweight.py)."""
     if response_ids is None:
-        response_ids, response_mask = (
-            batch["generation1_response_token_ids"],
-            batch["generation1_response_attention_mask"],
-        )
+        response_ids = batch["generation1_response_token_ids"]
+        response_mask = batch["generation1_response_attention_mask"]
     inputs = batch["prompt_token_ids"], batch["prompt_attention_mask"], response_ids, response_mask
     if not with_stats:
         return shared_prompt_logps(model, *inputs).sum(-1)
@@ -206,23 +203,30 @@ def sequence_logps(model, batch, response_ids=None, response_mask=None, with_sta
     return token_logps.sum(-1), seen
 
 
+def mismatched_partners(examples: list[tuple[int, str]]) -> dict[int, int]:
+    """The mismatched pair of each example of a global step, from (position, prompt) of all of them: position ->
+    the position of the next example (by position, cyclically) whose prompt is another one (where none is, the next)."""
+    order = sorted(examples)
+    partners = {}
+    for i, (position, prompt) in enumerate(order):
+        after = [order[(i + j) % len(order)] for j in range(1, len(order))]
+        partners[position] = next((p for p, other in after if other != prompt), after[0][0] if after else position)
+    return partners
+
+
 def mismatched_responses(batches, pad_token_id):
-    """The mismatched pair of every example: the response of the next example of the global step, by position
-    (cyclically), gathered from every process. (response_ids, response_mask) per batch."""
+    """The mismatched pair of every example of the global step (`mismatched_partners`), its response gathered from
+    whichever process holds it: (response_ids, response_mask) per batch."""
     mine = {}
     for batch in batches:
-        for position, ids, mask in zip(
-            batch["position"].tolist(),
-            batch["generation1_response_token_ids"],
-            batch["generation1_response_attention_mask"],
-        ):
-            mine[position] = ids[mask.bool()].tolist()
-    responses = {position: ids for part in gather_objects(mine) for position, ids in part.items()}
-    order = sorted(responses)
-    successor = {position: order[(i + 1) % len(order)] for i, position in enumerate(order)}
+        ids, mask = batch["generation1_response_token_ids"], batch["generation1_response_attention_mask"]
+        for i, position in enumerate(batch["position"].tolist()):
+            mine[position] = (batch["prompt"][i], ids[i][mask[i].bool()].tolist())
+    step = {position: example for part in gather_objects(mine) for position, example in part.items()}
+    partners = mismatched_partners([(position, prompt) for position, (prompt, _) in step.items()])
     device = batches[0]["prompt_token_ids"].device
     return [
-        tuple(t.to(device) for t in pad([responses[successor[p]] for p in batch["position"].tolist()], pad_token_id))
+        tuple(t.to(device) for t in pad([step[partners[p]][1] for p in batch["position"].tolist()], pad_token_id))
         for batch in batches
     ]
 
@@ -239,8 +243,13 @@ def label_threshold(scores, spec):
 
 
 def check_args(args: Args):
-    """Every flag's range, before any work; common.flags checks the flags all scripts share."""
+    """Every flag's range, before any work; common.flags checks the flags the scripts share."""
     check_shared_args(args)
+    check_dataset_args(args)
+    check_eval_args(args.eval, args.generation.max_new_tokens, args.dataset)
+    if args.online:
+        check_online_args(args)
+    check_reweighter(args.reweighter, ("none", "policy", "importance", "python"), "kto_pointwise.py")
     require(args.beta > 0, "beta", args.beta, "must be above 0")
     require(args.desirable_weight > 0, "desirable_weight", args.desirable_weight, "must be above 0")
     require(args.undesirable_weight > 0, "undesirable_weight", args.undesirable_weight, "must be above 0")
@@ -251,8 +260,6 @@ def check_args(args: Args):
             )
         except ValueError:
             fail(f"--label_threshold {args.label_threshold}: must be median, mean or a number")
-    if args.reweighter == "confidence":
-        fail("--reweighter confidence weighs pairs by the annotator's probability; KTO's examples are single responses")
 
 
 def main(args: Args):
@@ -283,33 +290,11 @@ def main(args: Args):
     policy = prepare_model(policy, device, dtype)
     eval_rows = []
     if args.online:  # responses are sampled and scored every step; label_threshold labels them
-        factory = OnlineBatchFactory(
-            records,
-            tokenizer,
-            policy,
-            annotator,
-            num_generations=1,
-            label=lambda score: None if score is None else (score,),
-            generation=args.generation,
-            max_prompt_length=args.max_prompt_length,
-            micro_batch_size=args.per_device_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            seed=args.seed,
-            group_by_length=args.group_by_length,
-            reweighter=reweighter,
-            sample_reward=toy.true_reward if toy.is_toy(args.dataset) else None,
-        )
+        size = args.per_device_batch_size * args.gradient_accumulation_steps
+        data = sampler = online.OnlineSampler.from_args(args, records, tokenizer, annotator, device, size)
     else:
-        rows = tokenize_records(records, tokenizer, args.max_length, args.max_prompt_length)
-        factory = BatchFactory(
-            rows,
-            pad_token_id=tokenizer.pad_token_id,
-            micro_batch_size=args.per_device_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            seed=args.seed,
-            group_by_length=args.group_by_length,
-            reweighter=reweighter,
-        )
+        factory, eval_rows = offline_data(args, records, "pointwise", tokenizer, reweighter)
+        data, rows = factory, factory.rows
         num_desirable = sum(row["generation1_reward"] == 1.0 for row in rows)
         num_undesirable = len(rows) - num_desirable
         ratio = args.desirable_weight * num_desirable / max(args.undesirable_weight * num_undesirable, 1e-9)
@@ -322,75 +307,67 @@ def main(args: Args):
                 "warning: the KTO paper advises 1 <= desirable_weight * n_D / (undesirable_weight * n_U) <= 4/3 "
                 "(section 4.3); set --desirable_weight or --undesirable_weight to bring it there"
             )
-        eval_records = load_eval_records(
-            args.dataset, args.eval_dataset, args.eval_split, "pointwise", args.num_eval_examples
-        )
-        if eval_records:
-            eval_rows = tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length)
-            # equal shares: FSDP forwards are collectives
-            eval_rows = eval_rows[: len(eval_rows) // world_size * world_size]
         if reweighter is not None and reweighter.behaviour_path:  # importance: rho's log-probs, once
-            reweighter.prepare(factory.rows_until(args.max_steps), tokenizer, device, dtype, args.per_device_batch_size)
+            used = factory.indices_until(args.max_steps)
+            reweighter.prepare(factory.rows, used, tokenizer, device, dtype, args.per_device_batch_size)
 
-    # where the reference log-probs come from, chosen here, once: computed before training for the examples and
-    # their mismatched pairs (offline), or the reference model on each step's samples (online). The reference is
-    # the initial policy, loaded again (so --resume gets it too) and frozen.
-    reference = load_causal_lm(args.model_name_or_path, tokenizer, device)
-    reference = prepare_model(reference, device, dtype, trainable=False).eval()
+    # The reference is the initial policy, loaded again (so --resume gets it too) and frozen: a model that scores each
+    # step's examples and mismatched pairs (online, and offline with --no-precompute_ref_logps), or offline a table of
+    # its log-probs, computed once before training by the model, which is then dropped (departure 1): "train" and
+    # "eval" by a batch's `index` (its dataset row), "kl" by its `position` (the mismatched pair of every position of
+    # the run's steps, by the rule the loop uses: mismatched_partners).
+    reference_model = load_causal_lm(args.model_name_or_path, tokenizer, device)
+    reference_model, reference_table = prepare_model(reference_model, device, dtype, trainable=False).eval(), None
     if args.precompute_ref_logps and not args.online:
-        start, G = time.perf_counter(), global_batch_size
-
-        def partner(p):  # the mismatched pair of stream position p: the next position of its step, cyclically
-            return p - p % G + (p % G + 1) % G
-
-        mismatched = [
-            {**factory.row_at(p), "generation1_response_ids": factory.row_at(partner(p))["generation1_response_ids"]}
-            for p in range(args.max_steps * G)
-        ]
-        add_reference_logps(
-            reference,
-            factory.rows_until(args.max_steps) + eval_rows + mismatched,
-            tokenizer.pad_token_id,
-            args.per_device_batch_size,
+        start, used, G = time.perf_counter(), factory.indices_until(args.max_steps), global_batch_size
+        mismatched = []
+        for step in range(args.max_steps):
+            step_rows = [factory.row_at(p) for p in range(step * G, (step + 1) * G)]
+            partners = mismatched_partners([(row["position"], row["prompt"]) for row in step_rows])
+            for row in step_rows:
+                response = step_rows[partners[row["position"]] - step * G]["generation1_response_ids"]
+                mismatched.append(row | {"generation1_response_ids": response})
+        rows = [factory.rows[i] for i in used] + eval_rows + mismatched
+        logps = precompute_logps(reference_model, rows, tokenizer.pad_token_id, args.per_device_batch_size)[:, 0]
+        reference_table = {"train": torch.full((len(factory.rows),), math.nan), "kl": logps[-len(mismatched) :]}
+        reference_table["train"][used], reference_table["eval"] = (
+            logps[: len(used)],
+            logps[len(used) : -len(mismatched)],
         )
-        kl_reference = torch.tensor([row["generation1_reference_logps"] for row in mismatched], device=device)
-        seconds = time.perf_counter() - start
-        print0(f"reference log-probs of {len(mismatched)} examples and their mismatched pairs in {seconds:.1f} s")
-        reference = None  # training holds one model
+        print0(
+            f"reference log-probs of {len(rows)} examples and mismatched pairs in {time.perf_counter() - start:.1f} s "
+            "(no eval/kl)"
+        )
+        reference_model = None  # training holds one model
 
-        def reference_logps(batch, response_ids=None, response_mask=None):
-            if response_ids is None:
-                return batch["generation1_reference_logps"]
-            return kl_reference[batch["position"]]  # the mismatched pair of each position, as computed above
-    else:
-
-        def reference_logps(batch, response_ids=None, response_mask=None):
-            with torch.no_grad():
-                return sequence_logps(reference, batch, response_ids, response_mask)
+    def reference_logps(batch, split="train", response_ids=None, response_mask=None):
+        """log ref(y|x) of each example of the batch (B,); with response_ids, of the mismatched pairs' responses."""
+        if reference_table is not None:
+            where = batch["position"] if response_ids is not None else batch["index"]
+            return reference_table["kl" if response_ids is not None else split][where.cpu()].to(device)
+        with torch.no_grad():
+            return sequence_logps(reference_model, batch, response_ids, response_mask)
 
     eval_batches = shard_batches(eval_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
-    held_out = held_out_eval(args, tokenizer, device, annotator)
+    held_out = held_out_eval(args, tokenizer, device, dtype, annotator, args.annotator)
 
     @torch.no_grad()
-    def evaluate(step: int) -> dict:
+    def evaluate(step: int, tracker: Tracker) -> dict:
         """eval/rewards/* (mean beta * r) of held-out desirable and undesirable responses; the held-out samples'
         eval/* (common/evaluation.py; eval/kl where the reference model is kept)."""
-        metrics, sums = {}, defaultdict(float)
+        means = Means()
         for batch in eval_batches:
-            rewards = args.beta * (sequence_logps(policy, batch) - reference_logps(batch))
             desirable = batch["generation1_reward"] == 1.0
-            sums["eval/rewards/desirable"] += (rewards * desirable).sum()
-            sums["eval/rewards/undesirable"] += (rewards * ~desirable).sum()
-            sums["desirable"] += desirable.sum()
-        if eval_rows:
-            totals = sum_over_processes(sums)
-            metrics["eval/rewards/desirable"] = totals["eval/rewards/desirable"] / max(totals["desirable"], 1)
-            metrics["eval/rewards/undesirable"] = totals["eval/rewards/undesirable"] / max(
-                len(eval_rows) - totals["desirable"], 1
+            _, diagnostics = kto_loss(
+                sequence_logps(policy, batch), reference_logps(batch, "eval"), 0.0, desirable, args
             )
+            for name in ("rewards/desirable", "rewards/undesirable"):
+                means.add(f"eval/{name}", *diagnostics[name])
+        metrics = means.result()
+        if {"eval/rewards/desirable", "eval/rewards/undesirable"} <= metrics.keys():
             metrics["eval/rewards/margins"] = metrics["eval/rewards/desirable"] - metrics["eval/rewards/undesirable"]
         if held_out is not None:
-            metrics |= held_out(step, policy, reference, tracker)
+            metrics |= held_out(step, policy, reference_model, tracker)
         return metrics
 
     optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
@@ -398,30 +375,45 @@ def main(args: Args):
     start_step = 0
     if args.resume:
         start_step, data_state = load_checkpoint(args.output_dir, policy, optimizer, scheduler)
-        factory.load_state_dict(data_state)
-    tracker = Tracker(args, resume_step=start_step if args.resume else None)
+        data.load_state_dict(data_state)
+    derived = {"global_batch_size": global_batch_size, "world_size": world_size, "learning_rate": args.learning_rate}
+    tracker = Tracker(args, run_id, derived, resume_step=start_step if args.resume else None)
     if start_step == 0:
-        tracker.log(0, evaluate(0))
+        tracker.log(0, evaluate(0, tracker))
 
     finite = FiniteSteps(dtype)  # a non-finite loss or gradient never reaches the weights
     policy.train()
     for step in tracker.progress(range(start_step, args.max_steps), args.max_steps):  # a bar with loss, tokens/s
         step_start = time.perf_counter()
-        # 1. get batch: this process's micro-batches for one optimizer step (sampled + scored when --online), and
-        # which examples are desirable
-        batches = [to_device(b, device) for b in factory.next_step()]
-        num_examples = all_reduce(sum(len(b["prompt"]) for b in batches)).item()
-        sums = defaultdict(float)  # per-step sums of the logged metrics, by name
-        if args.online:  # scores -> labels, by a threshold over the global step (departure 4)
-            scores = torch.cat([b["generation1_reward"][b["generation1_weight"] > 0] for b in batches])
-            threshold = label_threshold(scores, args.label_threshold)
+        # 1. get batch: this process's micro-batches for one optimizer step, and which examples are desirable.
+        # --online: sample a response to each prompt, score it with the annotator (a failed score drops the sample,
+        # and more prompts are sampled: common/online.py), then label by the threshold over the step (departure 4)
+        if args.online:
+            for prompts in sampler.rounds():
+                samples = sampler.sample(policy, prompts, num_samples=1)
+                scores = annotator.score([p["raw_prompt"] for p in prompts], [s[0]["response"] for s in samples])
+                groups = [
+                    [online.example(p, s, [score], score is not None)] for p, s, score in zip(prompts, samples, scores)
+                ]
+                sampler.add(groups, failed=scores.count(None))
+            rows = sampler.step_rows()
+            rows = reweighter(rows) if reweighter is not None else rows
+            batches = [
+                to_device(b, device) for b in micro_batches(rows, args.per_device_batch_size, tokenizer.pad_token_id)
+            ]
+            threshold = label_threshold(
+                torch.cat([b["generation1_reward"][b["trainable"]] for b in batches]), args.label_threshold
+            )
             for b in batches:
                 b["desirable"] = b["generation1_reward"] >= threshold
         else:
+            batches = [to_device(b, device) for b in factory.next_step()]
             for b in batches:
                 b["desirable"] = b["generation1_reward"] == 1.0
+        batch_seconds = time.perf_counter() - step_start
+        num_examples = max(all_reduce(sum(b["trainable"].sum() for b in batches)).item(), 1)  # trainable, global
 
-        # 2. kl, then z_ref: the mismatched pairs of the whole global step, without gradient
+        # 2. kl, then z_ref: the mismatched pairs of the whole global step, without gradient (the trainable examples')
         kl_start = time.perf_counter()
         with torch.no_grad():
             kl_sum = 0.0
@@ -429,43 +421,38 @@ def main(args: Args):
                 batches, mismatched_responses(batches, tokenizer.pad_token_id)
             ):
                 kl_policy_logps = sequence_logps(policy, batch, response_ids, response_mask)
-                kl_sum += (kl_policy_logps - reference_logps(batch, response_ids, response_mask)).sum()
+                kl_reference_logps = reference_logps(batch, "train", response_ids, response_mask)
+                kl_sum += ((kl_policy_logps - kl_reference_logps) * batch["trainable"]).sum()
             kl = all_reduce(kl_sum).item() / num_examples
             z_ref = max(kl, 0.0)
         kl_seconds = time.perf_counter() - kl_start
 
+        means, step_loss = Means(), 0.0
         for i, batch in enumerate(batches):
             sync_gradients(policy, i == len(batches) - 1)  # reduce gradients once per step
             # 3. forward: log-probs of each example's response, (B,)
-            desirable, weights = batch["desirable"], batch["generation1_weight"]
+            weights = batch["generation1_weight"] * batch["trainable"]
             if sees_policy:  # factors from this forward (WPO, importance weights), constants to the loss
                 policy_logps, seen = sequence_logps(policy, batch, with_stats=True)
                 weights = reweighter.reweigh(batch, seen, weights)
             else:
                 policy_logps = sequence_logps(policy, batch)
 
-            # 4. loss: weighted losses summed over this micro-batch, divided by the global example count; the
-            # micro-batches add up to this process's share of the global mean, and FSDP averages gradients
-            # over processes, so * world_size makes their sum the global mean
-            rewards = policy_logps - reference_logps(batch)  # r, (B,)
-            losses = kto_loss(rewards, z_ref, desirable, args.beta, args.desirable_weight, args.undesirable_weight)
+            # 4. loss: weighted losses summed over this micro-batch, divided by the global count of trainable
+            # examples; the micro-batches add up to this process's share of the global mean, and FSDP averages
+            # gradients over processes, so * world_size makes their sum the global mean
+            losses, diagnostics = kto_loss(policy_logps, reference_logps(batch), z_ref, batch["desirable"], args)
             loss = (weights * losses).sum() / num_examples * world_size
             loss.backward()
-
-            with torch.no_grad():  # diagnostics: implicit rewards beta * r of each class (examples of weight 0 aside)
-                counted_desirable, counted_undesirable = desirable & (weights > 0), ~desirable & (weights > 0)
-                sums["train/loss"] += (weights * losses).sum()
-                sums["rewards/desirable"] += (args.beta * rewards * counted_desirable).sum()
-                sums["rewards/undesirable"] += (args.beta * rewards * counted_undesirable).sum()
-                sums["logps/desirable"] += (policy_logps * counted_desirable).sum()
-                sums["logps/undesirable"] += (policy_logps * counted_undesirable).sum()
-                sums["num_desirable"] += counted_desirable.sum()
-                sums["num_undesirable"] += counted_undesirable.sum()
+            step_loss += loss.detach()
+            means.add("train/loss", weights * losses, batch["trainable"])
+            for name, (values, mask) in diagnostics.items():  # each over the trainable examples it is about
+                means.add(name, values, batch["trainable"] if mask is None else mask & batch["trainable"])
         # 5. step, unless the loss or a gradient is not finite (importance weights: every factor over the step's mean
         # factor, all micro-batches and processes)
-        sums["train/loss"] /= self_normalise(reweighter, policy)
+        normaliser = self_normalise(reweighter, policy)
         grad_norm = clip_grad_norm(policy, args.max_grad_norm)
-        if finite(f"step {step + 1}", sums["train/loss"], grad_norm):
+        if finite(f"step {step + 1}", step_loss, grad_norm):
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -473,43 +460,36 @@ def main(args: Args):
         # 6. log: one object per step in metrics.jsonl
         metrics = {}
         if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
-            totals, elapsed = sum_over_processes(sums), time.perf_counter() - step_start
-            num_desirable, num_undesirable = max(totals["num_desirable"], 1), max(totals["num_undesirable"], 1)
-            num_tokens = all_reduce(sum(b["generation1_attention_mask"].sum() for b in batches)).item()
+            elapsed = time.perf_counter() - step_start
+            metrics |= means.result()
+            if "train/loss" in metrics:  # importance weights: the loss the self-normalised factors give
+                metrics["train/loss"] /= normaliser
+            if {"rewards/desirable", "rewards/undesirable"} <= metrics.keys():
+                metrics["rewards/margins"] = metrics["rewards/desirable"] - metrics["rewards/undesirable"]
             metrics |= {
-                "train/loss": totals["train/loss"] / num_examples,
                 "kl": kl,  # the estimate before clamping: z_ref = max(0, kl)
                 "z_ref": z_ref,
-                "rewards/desirable": totals["rewards/desirable"] / num_desirable,
-                "rewards/undesirable": totals["rewards/undesirable"] / num_undesirable,
-                "rewards/margins": totals["rewards/desirable"] / num_desirable
-                - totals["rewards/undesirable"] / num_undesirable,
-                "logps/desirable": totals["logps/desirable"] / num_desirable,
-                "logps/undesirable": totals["logps/undesirable"] / num_undesirable,
-                "train/desirable_fraction": totals["num_desirable"] / num_examples,
                 "train/grad_norm": grad_norm,
                 "train/nonfinite_steps": finite.skipped,
                 "train/lr": scheduler.get_last_lr()[0],
-                "train/tokens_per_s": num_tokens / elapsed,
+                "train/tokens_per_s": all_reduce(training_tokens(batches)).item() / elapsed,
                 "train/examples_per_s": num_examples / elapsed,
                 "train/kl_seconds": kl_seconds,  # what the mismatched pairs cost this step
             }
             if reweighter is not None:
                 metrics |= reweighter.metrics(sum_over_processes(reweighter.stats))
-            if args.online:
-                metrics |= factory.metrics(sum_over_processes(factory.stats))
-                metrics |= {"online/threshold": threshold}
-                tracker.log_samples(step + 1, factory.samples)
+            if args.online:  # seconds of the step: sampling, then the annotator (with the rest of phase 1), then update
+                metrics |= online.metrics(sum_over_processes(sampler.stats)) | {"online/threshold": threshold}
+                seconds = {"sampling": sampler.stats["sampling_seconds"], "update": elapsed - batch_seconds}
+                seconds["scoring"] = batch_seconds - seconds["sampling"]
+                metrics |= {f"time/{k}": v / world_size for k, v in sum_over_processes(seconds).items()}
+                tracker.log_table(step + 1, "online_samples", online.sample_table(rows))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
-            eval_metrics = evaluate(step + 1)
-            metrics |= eval_metrics
-            print0(
-                f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items() if "per_s" not in k)
-            )
+            metrics |= evaluate(step + 1, tracker)
         if metrics:
             tracker.log(step + 1, metrics)
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(args.output_dir, step + 1, policy, optimizer, scheduler, factory.state_dict(), run_id)
+            save_checkpoint(args.output_dir, step + 1, policy, optimizer, scheduler, data.state_dict(), run_id)
 
     save_pretrained(policy, tokenizer, args.output_dir)
     print0(f"saved to {args.output_dir}")

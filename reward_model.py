@@ -24,7 +24,6 @@ Departures from the paper:
 """
 
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,29 +32,25 @@ import torch.nn.functional as F
 import tyro
 from transformers import get_cosine_schedule_with_warmup
 
-from common.batch import BatchFactory, shard_batches, to_device, tokenize_records
-from common.data import load_eval_records, load_records
+from common.batch import offline_data, shard_batches, to_device, training_tokens
+from common.checkpoint import claim_output_dir, load_checkpoint, save_checkpoint, save_pretrained
+from common.data import load_records
 from common.distributed import (
     FiniteSteps,
-    Tracker,
     all_reduce,
-    claim_output_dir,
     cleanup,
     clip_grad_norm,
     compute_dtype,
-    fail,
     init_distributed,
-    load_checkpoint,
     prepare_model,
     print0,
-    save_checkpoint,
-    save_pretrained,
     sum_over_processes,
     sync_gradients,
 )
-from common.flags import check_shared_args, require
+from common.flags import check_dataset_args, check_shared_args, fail, require
 from common.model import load_reward_model, load_tokenizer
-from common.reweight import make_reweighter
+from common.reweight import check_reweighter, make_reweighter
+from common.tracking import Means, Tracker
 
 
 @dataclass
@@ -95,16 +90,14 @@ class Args:
     eval_split: str = "test"
     """split of the held-out data"""
     max_length: int = 512
-    """longest prompt + response in tokens"""
+    """longest prompt + response in tokens of the dataset's examples"""
     max_prompt_length: int = 256
     """longest prompt in tokens (longer prompts keep their end)"""
     group_by_length: bool = True
     """batch examples of similar length together (less padding); the order of batches stays random"""
     reweighter: str = "none"
-    """how much each example counts: none (the data's weights), confidence (online pairs: |2p - 1|, p the annotator's
-    probability that generation1 is better), policy (WPO: the responses' probability under the policy),
-    importance:PATH (pi / rho against the model PATH that wrote the data; offline), or python:MODULE:FUNCTION
-    (common/reweight.py says which script takes which)"""
+    """how much each pair counts: none (the data's weights) or python:MODULE:FUNCTION (a function of the rows:
+    common/reweight.py)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
@@ -137,7 +130,8 @@ class Args:
     eval_every: int = 50
     """evaluate every this many steps (and at the start and the end)"""
     num_eval_examples: int = 512
-    """held-out examples (pairs, in the pairwise scripts) for eval/loss"""
+    """held-out examples (pairs, in the pairwise scripts) that each evaluation scores as in training (eval/loss,
+    eval/rewards/*); offline runs"""
 
 
 def pair_rewards(model, batch):
@@ -158,9 +152,27 @@ def chosen_rejected(values, batch):
     )
 
 
+def bradley_terry_loss(rewards, batch):
+    """The loss of every pair (B,), unweighted, and its diagnostics ({name: (B,)}, no gradient), from r(x, y) of both
+    generations (B, 2): the loop's and the evaluation's, written once."""
+    chosen_rewards, rejected_rewards = chosen_rejected(rewards, batch)
+    margins = chosen_rewards - rejected_rewards
+    losses = -F.logsigmoid(margins)
+    with torch.no_grad():
+        return losses, {
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/margins": margins,
+            "rewards/accuracies": (margins > 0).float(),
+            "rewards/mean": (chosen_rewards + rejected_rewards) / 2,
+        }
+
+
 def check_args(args: Args):
-    """Every flag's range, before any work; common.flags checks the flags all scripts share."""
+    """Every flag's range, before any work; common.flags checks the flags the scripts share."""
     check_shared_args(args)
+    check_dataset_args(args)
+    check_reweighter(args.reweighter, ("none", "python"), "reward_model.py")
     require(args.num_center_pairs >= 1, "num_center_pairs", args.num_center_pairs, "must be at least 1")
 
 
@@ -180,25 +192,8 @@ def main(args: Args):
     )
 
     tokenizer = load_tokenizer(args.model_name_or_path)
-    records = load_records(
-        args.dataset, args.dataset_split, "pairwise"
-    )  # data first: bad data fails before a model loads
-    rows = tokenize_records(records, tokenizer, args.max_length, args.max_prompt_length)
-    factory = BatchFactory(
-        rows,
-        pad_token_id=tokenizer.pad_token_id,
-        micro_batch_size=args.per_device_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        seed=args.seed,
-        group_by_length=args.group_by_length,
-        reweighter=reweighter,
-    )
-    eval_records = load_eval_records(
-        args.dataset, args.eval_dataset, args.eval_split, "pairwise", args.num_eval_examples
-    )
-    eval_rows = (
-        tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length) if eval_records else []
-    )
+    records = load_records(args.dataset, args.dataset_split, "pairwise")  # data first: bad data fails before a model
+    factory, eval_rows = offline_data(args, records, "pairwise", tokenizer, reweighter)
     eval_batches = shard_batches(eval_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
     model = load_reward_model(
         args.model_name_or_path,
@@ -212,15 +207,13 @@ def main(args: Args):
     @torch.no_grad()
     def evaluate(batches) -> dict:
         """Loss (unweighted), accuracy, margin and mean reward over held-out pairs (every process's share)."""
-        sums = defaultdict(float)
+        means = Means()
         for batch in batches:
-            chosen_rewards, rejected_rewards = chosen_rejected(pair_rewards(model, batch), batch)
-            sums["eval/loss"] += -F.logsigmoid(chosen_rewards - rejected_rewards).sum()
-            sums["eval/rewards/accuracies"] += (chosen_rewards > rejected_rewards).float().sum()
-            sums["eval/rewards/margins"] += (chosen_rewards - rejected_rewards).sum()
-            sums["eval/rewards/mean"] += (chosen_rewards + rejected_rewards).sum() / 2
-        num_pairs = all_reduce(sum(len(b["prompt"]) for b in batches)).item()
-        return {name: value / num_pairs for name, value in sum_over_processes(sums).items()} if num_pairs else {}
+            losses, diagnostics = bradley_terry_loss(pair_rewards(model, batch), batch)
+            means.add("eval/loss", losses)
+            for name in ("rewards/accuracies", "rewards/margins", "rewards/mean"):
+                means.add(f"eval/{name}", diagnostics[name])
+        return means.result()
 
     optimizer = torch.optim.AdamW(model.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
@@ -228,7 +221,8 @@ def main(args: Args):
     if args.resume:
         start_step, data_state = load_checkpoint(args.output_dir, model, optimizer, scheduler)
         factory.load_state_dict(data_state)
-    tracker = Tracker(args, resume_step=start_step if args.resume else None)
+    derived = {"global_batch_size": global_batch_size, "world_size": world_size}
+    tracker = Tracker(args, run_id, derived, resume_step=start_step if args.resume else None)
     if start_step == 0:
         tracker.log(0, evaluate(eval_batches))
 
@@ -239,29 +233,25 @@ def main(args: Args):
         # 1. get batch: this process's micro-batches of pairs for one optimizer step
         batches = [to_device(b, device) for b in factory.next_step()]
         num_pairs = all_reduce(sum(len(b["prompt"]) for b in batches)).item()
-        sums = defaultdict(float)  # per-step sums of the logged metrics, by name
+        means, step_loss = Means(), 0.0
         for i, batch in enumerate(batches):
             sync_gradients(model, i == len(batches) - 1)  # reduce gradients once per step
-            # 2. forward: r(x, y) of both responses of each pair, (B, 2), then oriented into chosen and rejected
-            chosen_rewards, rejected_rewards = chosen_rejected(pair_rewards(model, batch), batch)
+            # 2. forward: r(x, y) of both responses of each pair, (B, 2)
+            rewards = pair_rewards(model, batch)
             weights = (batch["generation1_weight"] + batch["generation2_weight"]) / 2  # (B,), departure 2
 
             # 3. loss: weighted losses over this micro-batch / global pair count; FSDP averages gradients
             # over processes, so * world_size makes the sum over processes the global mean
-            margins = chosen_rewards - rejected_rewards
-            losses = -F.logsigmoid(margins)
+            losses, diagnostics = bradley_terry_loss(rewards, batch)
             loss = (weights * losses).sum() / num_pairs * world_size
             loss.backward()
-
-            with torch.no_grad():  # diagnostics
-                sums["train/loss"] += (weights * losses).sum()
-                sums["rewards/chosen"] += chosen_rewards.sum()
-                sums["rewards/rejected"] += rejected_rewards.sum()
-                sums["rewards/margins"] += margins.sum()
-                sums["rewards/accuracies"] += (margins > 0).float().sum()
+            step_loss += loss.detach()
+            means.add("train/loss", weights * losses)
+            for name, values in diagnostics.items():  # each a mean over the step's pairs
+                means.add(name, values)
         # 4. step, unless the loss or a gradient is not finite
         grad_norm = clip_grad_norm(model, args.max_grad_norm)
-        if finite(f"step {step + 1}", sums["train/loss"], grad_norm):
+        if finite(f"step {step + 1}", step_loss, grad_norm):
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -269,32 +259,26 @@ def main(args: Args):
         # 5. log: one object per step in metrics.jsonl; each per-pair sum over all processes / the global pair count
         metrics = {}
         if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
-            num_tokens = sum(
-                b["generation1_attention_mask"].sum() + b["generation2_attention_mask"].sum() for b in batches
-            )
-            num_tokens = all_reduce(num_tokens).item()
             elapsed = time.perf_counter() - step_start
-            metrics |= {name: value / num_pairs for name, value in sum_over_processes(sums).items()}
+            metrics |= means.result()
             metrics |= {
                 "train/grad_norm": grad_norm,
                 "train/nonfinite_steps": finite.skipped,
                 "train/lr": scheduler.get_last_lr()[0],
-                "train/tokens_per_s": num_tokens / elapsed,
+                "train/tokens_per_s": all_reduce(training_tokens(batches)).item() / elapsed,
                 "train/pairs_per_s": num_pairs / elapsed,
             }
             if reweighter is not None:
                 metrics |= reweighter.metrics(sum_over_processes(reweighter.stats))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
-            eval_metrics = evaluate(eval_batches)
-            metrics |= eval_metrics
-            print0(f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items()))
+            metrics |= evaluate(eval_batches)
         if metrics:
             tracker.log(step + 1, metrics)
         if args.save_every and (step + 1) % args.save_every == 0:
             save_checkpoint(args.output_dir, step + 1, model, optimizer, scheduler, factory.state_dict(), run_id)
 
     if args.center_rewards:  # departure 1
-        center_rows = rows[: args.num_center_pairs]
+        center_rows = factory.rows[: args.num_center_pairs]
         center_batches = shard_batches(center_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
         model.config.reward_mean = evaluate(center_batches)["eval/rewards/mean"]
         print0(f"centred: reward_mean {model.config.reward_mean:.4f} recorded in the config")

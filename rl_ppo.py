@@ -24,8 +24,9 @@ https://arxiv.org/abs/2203.02155  https://arxiv.org/abs/2403.17031  https://arxi
 https://arxiv.org/abs/2402.03300  https://arxiv.org/abs/2503.20783
 
 The estimators are a flag of this script, not forks: they share the rollout, the clipped surrogate and the loop,
-and differ in six lines (the advantages, the critic's presence, where the KL goes, the reduction). A group's k
-samples stay together in every micro-batch and share one forward of their prompt (common.logps.shared_prompt_logps).
+and differ in two blocks (3. the advantages, 5. the loss's reduction) and in where the KL goes (`kl_in_loss`); gae
+alone has a critic. A group's k samples stay together in every micro-batch and share one forward of their prompt
+(common.logps.shared_prompt_logps).
 
     python sft.py --output_dir runs/sft && python rl_ppo.py --model_name_or_path runs/sft
     python rl_ppo.py --model_name_or_path runs/sft --estimator grpo
@@ -40,8 +41,11 @@ Departures from the papers (as the N+ details do, unless said):
 2. The critic starts from the reward model when the annotator is one with the policy's tokenizer (the N+ details),
    else from the policy with a new head (--critic to choose); policy and critic share one optimizer and loss.
 3. The learning rate follows a cosine schedule over the steps (rollouts), not a linear decay.
-4. Samples the annotator fails to score are dropped and replaced (common.batch.OnlineBatchFactory); a group with a
-   failed sample is dropped whole.
+4. A group with a sample the annotator fails to score is dropped whole, and more prompts are sampled
+   (common/online.py); a rollout that cannot be filled is padded with dropped groups that nothing trains on.
+5. With one epoch of one minibatch (grpo, dr_grpo), the rollout's log-probs are those of the update's own forward
+   (the policy that sampled is the one updated: ratio 1), not of a forward of their own: they are NaN until then, so
+   that a change that reads them earlier (a KL in grpo's reward) fails loudly instead of silently.
 """
 
 import math
@@ -54,34 +58,32 @@ import torch
 import tyro
 from transformers import get_cosine_schedule_with_warmup
 
-from common import toy
+from common import online
 from common.annotators import JudgeArgs, make_annotator
-from common.batch import OnlineBatchFactory, to_device
+from common.batch import collate, to_device, training_tokens
+from common.checkpoint import claim_output_dir, load_checkpoint, save_checkpoint, save_pretrained
 from common.data import load_records
 from common.distributed import (
     FiniteSteps,
-    Tracker,
     all_reduce,
-    claim_output_dir,
     cleanup,
     clip_grad_norm,
     compute_dtype,
-    fail,
     init_distributed,
-    load_checkpoint,
+    moments,
     prepare_model,
     print0,
-    save_checkpoint,
-    save_pretrained,
     sum_over_processes,
     sync_gradients,
+    whiten,
 )
-from common.evaluation import held_out_eval
-from common.flags import check_online_args, check_shared_args, require
+from common.evaluation import EvalArgs, held_out_eval
+from common.flags import check_eval_args, check_online_args, check_shared_args, fail, require
 from common.generation import GenerationArgs
-from common.logps import attention_mask, shared_prompt_logps
+from common.logps import shared_prompt_logps, token_values
 from common.model import load_causal_lm, load_tokenizer, load_value_model
-from common.reweight import make_reweighter
+from common.reweight import check_reweighter, make_reweighter
+from common.tracking import Means, Tracker
 
 
 @dataclass
@@ -120,17 +122,13 @@ class Args:
     """held-out data (default: --dataset's --eval_split; none for a local file)"""
     eval_split: str = "test"
     """split of the held-out data"""
-    max_length: int = 512
-    """longest prompt + response in tokens"""
     max_prompt_length: int = 256
     """longest prompt in tokens (longer prompts keep their end)"""
     group_by_length: bool = True
     """batch examples of similar length together (less padding); the order of batches stays random"""
     reweighter: str = "none"
-    """how much each example counts: none (the data's weights), confidence (online pairs: |2p - 1|, p the annotator's
-    probability that generation1 is better), policy (WPO: the responses' probability under the policy),
-    importance:PATH (pi / rho against the model PATH that wrote the data; offline), or python:MODULE:FUNCTION
-    (common/reweight.py says which script takes which)"""
+    """how much each response counts: none (the data's weights) or python:MODULE:FUNCTION (of the rows, or of
+    (batch, policy) in the update: common/reweight.py)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
@@ -192,15 +190,7 @@ class Args:
     # evaluation
     eval_every: int = 25
     """evaluate every this many steps (and at the start and the end)"""
-    num_eval_prompts: int = 512
-    """held-out prompts sampled at each evaluation (eval/score, eval/win_rate, eval/kl; eval/reward on toy); 0: none"""
-    eval_annotator: str | None = None
-    """judge of the held-out samples, in --annotator's forms, or none; default: the training annotator (--online,
-    rl_ppo.py), toy on the toy task, else none (then nothing is sampled)"""
-    eval_temperature: float = 1.0
-    """sampling temperature of the held-out samples (1.0 measures the policy itself, not its mode)"""
-    eval_batch_size: int = 128
-    """held-out prompts sampled at a time on each process"""
+    eval: EvalArgs = field(default_factory=EvalArgs)
 
 
 def policy_losses(advantages, ratio, cliprange):
@@ -229,21 +219,6 @@ def gae(rewards, values, gamma, lam):
     return advantages
 
 
-def moments(x, mask):
-    """Mean and (unbiased) variance of x where mask, over every process: ((), ()) float64."""
-    total, squares, count = all_reduce(
-        torch.stack([(x.double() * mask).sum(), (x.double() ** 2 * mask).sum(), mask.double().sum()])
-    )
-    mean = total / count
-    return mean, (squares - count * mean**2) / (count - 1).clamp(min=1)
-
-
-def whiten(x, mask):
-    """(x - mean) / std over every process's masked values, zero outside the mask (the N+ details' masked_whiten)."""
-    mean, var = moments(x, mask)
-    return ((x - mean) * torch.rsqrt(var + 1e-8)).float() * mask
-
-
 def group_advantages(rewards, num_samples, estimator):
     """Advantages (N,) of sequence rewards (N,), groups of num_samples adjacent: rloo's leave-one-out baseline,
     grpo's group-normalised score, dr_grpo's mean-centred score."""
@@ -257,19 +232,6 @@ def group_advantages(rewards, num_samples, estimator):
     return centred.flatten()
 
 
-def token_values(critic, prompt_ids, prompt_mask, response_ids, response_mask):
-    """V(x, y_<t) for every response token t, (N, Tr), zero at padding: the critic's head on the hidden state that
-    predicts token t. Prompts (B, Tp) as in common.logps.shared_prompt_logps, N = n * B."""
-    n, num_prompt = response_ids.shape[0] // prompt_ids.shape[0], prompt_ids.shape[1]
-    key_mask = torch.cat([prompt_mask.repeat_interleave(n, 0), response_mask], 1)
-    values = critic(
-        input_ids=torch.cat([prompt_ids.repeat_interleave(n, 0), response_ids], 1),
-        attention_mask=attention_mask(critic, key_mask, key_mask.shape[1]),  # left padding sees itself
-        position_ids=(key_mask.cumsum(-1) - 1).clamp(min=0),
-    ).logits[:, num_prompt - 1 : -1, 0]
-    return values.float() * response_mask
-
-
 def select(rollout, rows, num_samples):
     """A micro-batch: the rollout's rows (whole groups, in order), cut to the columns they use."""
     prompts = rows[::num_samples] // num_samples
@@ -280,6 +242,17 @@ def select(rollout, rows, num_samples):
     batch["prompt_ids"] = rollout["prompt_ids"][prompts][:, -prompt_length:]
     batch["prompt_mask"] = rollout["prompt_mask"][prompts][:, -prompt_length:]
     return batch
+
+
+def label_groups(prompts, groups, scores) -> list[list[dict]]:
+    """Each prompt's k samples and their scores (flat, prompt by prompt) -> the prompt's group of k rows, each with its
+    score as generation1_reward; trainable only where every score of the group came back (departure 4)."""
+    labelled, k = [], len(groups[0])
+    for i, (prompt, group) in enumerate(zip(prompts, groups)):
+        group_scores = scores[i * k : (i + 1) * k]
+        kept = None not in group_scores
+        labelled.append([online.example(prompt, [s], [score], kept) for s, score in zip(group, group_scores)])
+    return labelled
 
 
 def critic_path(args, tokenizer) -> str | None:
@@ -301,9 +274,14 @@ def critic_path(args, tokenizer) -> str | None:
 
 
 def check_args(args: Args):
-    """Every flag's range, before any work; common.flags checks the flags all scripts share."""
+    """Every flag's range, before any work; common.flags checks the flags the scripts share."""
     check_shared_args(args)
+    check_eval_args(args.eval, args.generation.max_new_tokens, args.dataset)
     check_online_args(args)
+    why = (
+        " (its samples are the policy's own, each scored alone; python:M:F(batch, policy) sees the update's log-probs)"
+    )
+    check_reweighter(args.reweighter, ("none", "python"), "rl_ppo.py", why)
     k = args.num_samples
     require(k >= 1, "num_samples", k, "must be at least 1")
     if args.estimator != "gae":
@@ -324,13 +302,6 @@ def check_args(args: Args):
     require(0 <= args.lam <= 1, "lam", args.lam, "must be in [0, 1]")
     if args.missing_eos_penalty is not None:
         require(math.isfinite(args.missing_eos_penalty), "missing_eos_penalty", args.missing_eos_penalty, "finite")
-    if args.reweighter == "confidence":
-        fail("--reweighter confidence weighs pairs by the annotator's probability; PPO's samples are scored singly")
-    if args.reweighter == "policy":
-        fail(
-            "--reweighter policy (WPO) counters the shift of offline data; PPO's samples are the policy's own. "
-            "A function of the update's log-probs: --reweighter python:MODULE:FUNCTION(batch, policy)"
-        )
     if args.critic != "auto" and args.estimator != "gae":
         fail(f"--critic: --estimator {args.estimator} has no critic (its baseline comes from the group)")
 
@@ -345,7 +316,8 @@ def main(args: Args):
     k, micro_batch_size = args.num_samples, args.per_device_batch_size
     reweighter = make_reweighter(args.reweighter)
     sees_policy = reweighter is not None and reweighter.sees_policy
-    single_pass = args.estimator in ("grpo", "dr_grpo") and args.num_ppo_epochs == args.num_minibatches == 1
+    kl_in_loss = args.estimator in ("grpo", "dr_grpo")  # k3 in the loss; gae and rloo put k1 in the reward
+    single_pass = kl_in_loss and args.num_ppo_epochs == args.num_minibatches == 1  # departure 5
     minibatch_size = micro_batch_size * args.gradient_accumulation_steps  # responses per process
     rollout_size = minibatch_size * args.num_minibatches
     print0(
@@ -367,27 +339,11 @@ def main(args: Args):
         print0(f"critic from {path}")
         critic = load_value_model(path, tokenizer, device, args.gradient_checkpointing)
         critic = prepare_model(critic, device, dtype)
-    # one rollout per step: every response of this process in one batch, the groups of k adjacent
-    factory = OnlineBatchFactory(
-        records,
-        tokenizer,
-        policy,
-        annotator,
-        num_generations=1,
-        samples_per_prompt=k,
-        label=lambda score: None if score is None else (score,),
-        generation=args.generation,
-        max_prompt_length=args.max_prompt_length,
-        micro_batch_size=rollout_size,
-        gradient_accumulation_steps=1,
-        seed=args.seed,
-        group_by_length=args.group_by_length,
-        reweighter=reweighter,
-        sample_reward=toy.true_reward if toy.is_toy(args.dataset) else None,
-    )
-    held_out = held_out_eval(args, tokenizer, device, annotator)
+    # one rollout per step: every response of this process, the groups of k adjacent
+    sampler = online.OnlineSampler.from_args(args, records, tokenizer, annotator, device, rollout_size, k)
+    held_out = held_out_eval(args, tokenizer, device, dtype, annotator, args.annotator)
 
-    def evaluate(step: int) -> dict:
+    def evaluate(step: int, tracker: Tracker) -> dict:
         """The held-out samples' eval/* (common/evaluation.py)."""
         return held_out(step, policy, reference, tracker) if held_out is not None else {}
 
@@ -397,10 +353,11 @@ def main(args: Args):
     start_step = 0
     if args.resume:
         start_step, data_state = load_checkpoint(args.output_dir, trained, optimizer, scheduler)
-        factory.load_state_dict(data_state)
-    tracker = Tracker(args, resume_step=start_step if args.resume else None)
+        sampler.load_state_dict(data_state)
+    derived = {"rollout_size": rollout_size * world_size, "minibatch_size": minibatch_size * world_size}
+    tracker = Tracker(args, run_id, derived | {"world_size": world_size}, start_step if args.resume else None)
     if start_step == 0:
-        tracker.log(0, evaluate(0))
+        tracker.log(0, evaluate(0, tracker))
     temperature = args.generation.temperature
     finite = FiniteSteps(dtype)  # a non-finite loss or gradient never reaches the weights
     trained.train()
@@ -411,29 +368,36 @@ def main(args: Args):
     for step in tracker.progress(range(start_step, args.max_steps), args.max_steps):  # a bar with loss, tokens/s
         step_start = time.perf_counter()
         seconds = defaultdict(float)  # where the step's time goes
-        # 1. rollout: sample this process's responses and score them (the annotator's score as generation1_reward;
-        # weight 0 where a failed group was padded in)
-        batch = to_device(factory.next_step()[0], device)
-        seconds["sampling"] = factory.stats["generation_seconds"]
+        # 1. rollout: sample k responses to each prompt and score each with the annotator; a group with a failed
+        # score is dropped and more prompts are sampled (departure 4)
+        for prompts in sampler.rounds():
+            groups = sampler.sample(policy, prompts, num_samples=k)  # per prompt: its k responses
+            responses = [sample["response"] for group in groups for sample in group]
+            scores = annotator.score([p["raw_prompt"] for p in prompts for _ in range(k)], responses)
+            sampler.add(label_groups(prompts, groups, scores), failed=scores.count(None))
+        step_rows = sampler.step_rows()
+        step_rows = reweighter(step_rows) if reweighter is not None else step_rows
+        batch = to_device(collate(step_rows, tokenizer.pad_token_id), device)
+        seconds["sampling"] = sampler.stats["sampling_seconds"]
         seconds["scoring"] = time.perf_counter() - step_start - seconds["sampling"]
         rollout = {
             "prompt_ids": batch["prompt_token_ids"][::k],  # (N / k, Tp): a group's samples share their prompt
             "prompt_mask": batch["prompt_attention_mask"][::k],
             "response_ids": batch["generation1_response_token_ids"],  # (N, Tr)
             "response_mask": batch["generation1_response_attention_mask"],
-            "weights": batch["generation1_weight"],  # (N,)
+            "weights": batch["generation1_weight"],  # (N,), 0 where not trainable
+            "trainable": batch["trainable"],
         }
-        response_mask, weights = rollout["response_mask"], rollout["weights"]
+        response_mask, trainable = rollout["response_mask"], batch["trainable"]
         lengths = response_mask.sum(-1)
         last_tokens = rollout["response_ids"].gather(1, (lengths - 1)[:, None])[:, 0]
         contains_eos = last_tokens == tokenizer.eos_token_id
-        scores = torch.where(weights > 0, batch["generation1_reward"], 0.0)  # failed: NaN, at weight 0
+        scores = torch.where(trainable, batch["generation1_reward"], 0.0)  # failed: NaN, not trainable
         if args.missing_eos_penalty is not None:  # departure 1
             scores = torch.where(contains_eos, scores, args.missing_eos_penalty)
 
-        # 2. the rollout's log-probs under the policy and the reference, and the critic's values, without gradient;
-        # where the update is one pass of one minibatch, its forward is the rollout policy's own (ratio 1), so grpo
-        # and dr_grpo, whose advantages need no log-probs, take theirs from it (step 4) instead of running it twice
+        # 2. the rollout's log-probs under the policy (but with a single pass: departure 5) and the reference, and
+        # the critic's values, without gradient
         forwards = defaultdict(list)
         with torch.no_grad():
             for start in range(0, rollout_size, micro_batch_size):
@@ -456,12 +420,12 @@ def main(args: Args):
         for key, parts in forwards.items():
             rollout[key] = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
         if single_pass:  # filled in by the update
-            rollout["logprobs"], rollout["entropy"] = torch.zeros(2, *response_mask.shape, device=device)
+            rollout["logprobs"], rollout["entropy"] = torch.full((2, *response_mask.shape), math.nan, device=device)
         logprobs, ref_logprobs = rollout["logprobs"], rollout["ref_logprobs"]
         values = rollout.get("values", torch.zeros_like(logprobs))
 
-        # 3. advantages
-        trained_tokens = response_mask * (weights > 0)[:, None]  # padded-in rows count nowhere
+        # 3. advantages, the estimator's first block
+        trained_tokens = response_mask * trainable[:, None]  # the rows that only fill a rollout count nowhere
         kl = logprobs - ref_logprobs  # (N, Tr), zero at padding
         if args.estimator == "gae":
             rewards = -args.kl_coef * kl
@@ -474,7 +438,7 @@ def main(args: Args):
             rollout["advantages"] = group_advantages(sequence_rewards, k, args.estimator)[:, None] * response_mask
 
         # 4. PPO epochs: num_minibatches optimizer steps per pass, each over whole groups in a fresh order
-        sums = defaultdict(float)  # per-step sums of the logged metrics, by name
+        means = Means()  # the update's diagnostics, each a mean over what its mask counts
         update_start = time.perf_counter()
         for epoch in range(args.num_ppo_epochs):
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + epoch)
@@ -482,23 +446,19 @@ def main(args: Args):
             for m in range(args.num_minibatches):
                 groups = order[m * minibatch_size // k : (m + 1) * minibatch_size // k]
                 rows = (groups[:, None] * k + torch.arange(k, device=device)).flatten()
-                # the reduction's denominators, of the global minibatch
-                num_tokens = all_reduce(response_mask[rows].sum()).item()
-                num_sequences = len(rows) * world_size
+                # the reduction's denominators, of the global minibatch's trainable responses
+                num_tokens = max(all_reduce(trained_tokens[rows].sum()).item(), 1)
+                num_sequences = max(all_reduce(trainable[rows].sum()).item(), 1)
                 minibatch_loss = 0.0
                 for a in range(args.gradient_accumulation_steps):
-                    last = a == args.gradient_accumulation_steps - 1
                     for model in trained.values():
-                        sync_gradients(model, last)  # reduce gradients once per optimizer step
+                        sync_gradients(model, a == args.gradient_accumulation_steps - 1)  # once per optimizer step
                     micro_rows = rows[a * micro_batch_size : (a + 1) * micro_batch_size]
                     mb = select(rollout, micro_rows, k)
                     inputs = mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"]
-                    mask, w = mb["response_mask"], mb["weights"][:, None]
-                    if single_pass or sees_policy:
-                        new_logprobs, stats = shared_prompt_logps(policy, *inputs, temperature, with_stats=True)
-                    else:
-                        new_logprobs = shared_prompt_logps(policy, *inputs, temperature)  # (n, Tr)
-                    if single_pass:  # the rollout's log-probs are these (step 2)
+                    mask, w = mb["response_mask"] * mb["trainable"][:, None], mb["weights"][:, None]
+                    new_logprobs, stats = shared_prompt_logps(policy, *inputs, temperature, with_stats=True)
+                    if single_pass:  # the rollout's log-probs are these (departure 5)
                         mb["logprobs"] = new_logprobs.detach()
                         rollout["logprobs"][micro_rows, : mask.shape[1]] = mb["logprobs"]
                         rollout["entropy"][micro_rows, : mask.shape[1]] = stats["entropy"]
@@ -512,17 +472,20 @@ def main(args: Args):
                         new_values = token_values(critic, *inputs)
                         vf_losses = value_losses(new_values, mb["values"], mb["returns"], args.cliprange_value)
                         token_losses = token_losses + args.vf_coef * vf_losses
-                    if args.estimator in ("grpo", "dr_grpo"):
+                        means.add("loss/value", w * vf_losses, mask)
+                        means.add("value/clip_fraction", (new_values - mb["values"]).abs() > args.cliprange_value, mask)
+                    if kl_in_loss:
                         log_ref_ratio = mb["ref_logprobs"] - new_logprobs
                         kl_losses = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # k3, unbiased and >= 0
                         token_losses = token_losses + args.kl_coef * kl_losses
+                        means.add("loss/kl", w * kl_losses, mask)
 
-                    # 5. loss: weighted sums over this micro-batch over the global minibatch's count (of tokens,
-                    # sequences or max_new_tokens per sequence); the micro-batches add up to this process's share
-                    # of the global mean, and FSDP averages gradients over processes, so * world_size makes their
-                    # sum the global mean
+                    # 5. loss, the estimator's second block: weighted sums over this micro-batch over the global
+                    # minibatch's count (of tokens, sequences or max_new_tokens per sequence); the micro-batches add
+                    # up to this process's share of the global mean, and FSDP averages gradients over processes, so
+                    # * world_size makes their sum the global mean
                     if args.estimator == "grpo":  # each sequence's token mean, then the mean over sequences
-                        sequence_losses = (token_losses * mask).sum(-1) / mask.sum(-1)
+                        sequence_losses = (token_losses * mask).sum(-1) / mask.sum(-1).clamp(min=1)
                         loss = (w[:, 0] * sequence_losses).sum() / num_sequences * world_size
                     elif args.estimator == "dr_grpo":  # a constant length: no bias to long or short responses
                         normaliser = num_sequences * args.generation.max_new_tokens
@@ -531,62 +494,34 @@ def main(args: Args):
                         loss = (w * token_losses * mask).sum() / num_tokens * world_size
                     loss.backward()
                     minibatch_loss += loss.detach()
-
-                    with torch.no_grad():  # diagnostics, summed over tokens: averaged over the step at logging
-                        sums["train/loss"] += loss / world_size
-                        sums["policy/approx_kl"] += ((ratio - 1 - logratio) * mask).sum()  # k3 of new vs rollout
-                        sums["policy/clip_fraction"] += ((ratio - 1).abs() > args.cliprange).mul(mask).sum()
-                        sums["policy/ratio"] += (ratio * mask).sum()
-                        sums["loss/policy"] += (w * pg_losses * mask).sum()
-                        if critic is not None:
-                            sums["loss/value"] += (w * vf_losses * mask).sum()
-                            clipped = (new_values - mb["values"]).abs() > args.cliprange_value
-                            sums["value/clip_fraction"] += (clipped * mask).sum()
-                        if args.estimator in ("grpo", "dr_grpo"):
-                            sums["loss/kl"] += (w * kl_losses * mask).sum()
-                        sums["update_tokens"] += mask.sum()
+                    means.add("policy/approx_kl", ratio - 1 - logratio, mask)  # k3 of the new policy vs the rollout's
+                    means.add("policy/clip_fraction", (ratio - 1).abs() > args.cliprange, mask)
+                    means.add("policy/ratio", ratio, mask)
+                    means.add("loss/policy", w * pg_losses, mask)
                 grad_norm = clip_grad_norm(trained, args.max_grad_norm)
                 if finite(f"step {step + 1} (epoch {epoch + 1}, minibatch {m + 1})", minibatch_loss, grad_norm):
                     optimizer.step()  # unless the loss or a gradient is not finite
                 optimizer.zero_grad(set_to_none=True)
+                # train/loss: the mean of the minibatch losses (each process adds its share, counting 1 / world_size)
+                means.add("train/loss", minibatch_loss / world_size, torch.tensor(1 / world_size))
         scheduler.step()
         seconds["update"] = time.perf_counter() - update_start
 
         # 6. log: one object per step in metrics.jsonl
         metrics = {}
         if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
-            scored = weights > 0
-            sums |= {
-                "objective/scores": (scores * scored).sum(),
-                "objective/scores_squared": (scores**2 * scored).sum(),
-                "objective/kl": ((rollout["logprobs"] - ref_logprobs).sum(-1) * scored).sum(),  # sequence KL to the ref
-                "objective/entropy": (rollout["entropy"] * trained_tokens).sum(),
-                "num_scored": scored.sum(),
-                "num_trained_tokens": trained_tokens.sum(),
-                "eos": (contains_eos * scored).sum(),
-            }
-            totals, elapsed = sum_over_processes(sums), time.perf_counter() - step_start
-            num_scored, updates = max(totals["num_scored"], 1), args.num_ppo_epochs * args.num_minibatches
-            mean_score = totals["objective/scores"] / num_scored
-            metrics |= {
-                "train/loss": totals["train/loss"] / updates,
-                "objective/scores": mean_score,
-                "objective/scores_std": math.sqrt(
-                    max(totals["objective/scores_squared"] / num_scored - mean_score**2, 0)
-                ),
-                "objective/kl": totals["objective/kl"] / num_scored,
-                "objective/entropy": totals["objective/entropy"] / max(totals["num_trained_tokens"], 1),
-                "objective/eos_rate": totals["eos"] / num_scored,
+            elapsed = time.perf_counter() - step_start
+            means.add("objective/kl", (rollout["logprobs"] - ref_logprobs).sum(-1), trainable)  # sequence KL to ref
+            means.add("objective/entropy", rollout["entropy"], trained_tokens)
+            means.add("objective/eos_rate", contains_eos.float(), trainable)
+            score_mean, score_variance = moments(scores, trainable.double())
+            metrics |= means.result() | {
+                "objective/scores": score_mean.item(),
+                "objective/scores_std": math.sqrt(max(score_variance.item(), 0)),
                 "train/grad_norm": grad_norm,
                 "train/nonfinite_steps": finite.skipped,
                 "train/lr": scheduler.get_last_lr()[0],
-                "train/tokens_per_s": all_reduce(response_mask.sum()).item() / elapsed,
-            }
-            metrics |= {
-                name: totals[name] / totals["update_tokens"]
-                for name in ("policy/approx_kl", "policy/clip_fraction", "policy/ratio", "loss/policy")
-                + ("loss/value", "value/clip_fraction", "loss/kl")
-                if name in totals
+                "train/tokens_per_s": all_reduce(training_tokens([batch])).item() / elapsed,
             }
             if critic is not None:  # how much of the returns' variance the rollout's values explain
                 explained = 1 - moments(rollout["returns"] - values, trained_tokens)[1] / moments(
@@ -597,18 +532,14 @@ def main(args: Args):
             metrics |= {f"time/{name}": value / world_size for name, value in sum_over_processes(seconds).items()}
             if reweighter is not None:
                 metrics |= reweighter.metrics(sum_over_processes(reweighter.stats))
-            metrics |= factory.metrics(sum_over_processes(factory.stats))
-            tracker.log_samples(step + 1, factory.samples)
+            metrics |= online.metrics(sum_over_processes(sampler.stats))
+            tracker.log_table(step + 1, "online_samples", online.sample_table(step_rows))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
-            eval_metrics = evaluate(step + 1)
-            metrics |= eval_metrics
-            print0(
-                f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items() if "per_s" not in k)
-            )
+            metrics |= evaluate(step + 1, tracker)
         if metrics:
             tracker.log(step + 1, metrics)
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(args.output_dir, step + 1, trained, optimizer, scheduler, factory.state_dict(), run_id)
+            save_checkpoint(args.output_dir, step + 1, trained, optimizer, scheduler, sampler.state_dict(), run_id)
 
     save_pretrained(policy, tokenizer, args.output_dir)
     if critic is not None:

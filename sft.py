@@ -24,31 +24,28 @@ import tyro
 from transformers import get_cosine_schedule_with_warmup
 
 from common.annotators import JudgeArgs
-from common.batch import BatchFactory, shard_batches, to_device, tokenize_records
-from common.data import load_eval_records, load_records
+from common.batch import offline_data, shard_batches, to_device, training_tokens
+from common.checkpoint import claim_output_dir, load_checkpoint, save_checkpoint, save_pretrained
+from common.data import load_records
 from common.distributed import (
     FiniteSteps,
-    Tracker,
     all_reduce,
-    claim_output_dir,
     cleanup,
     clip_grad_norm,
     compute_dtype,
     init_distributed,
-    load_checkpoint,
     prepare_model,
     print0,
-    save_checkpoint,
-    save_pretrained,
     sum_over_processes,
     sync_gradients,
 )
-from common.evaluation import held_out_eval
-from common.flags import check_shared_args
+from common.evaluation import EvalArgs, held_out_eval
+from common.flags import check_dataset_args, check_eval_args, check_shared_args
 from common.generation import GenerationArgs
 from common.logps import response_logps
 from common.model import load_causal_lm, load_tokenizer
-from common.reweight import make_reweighter, self_normalise
+from common.reweight import check_reweighter, make_reweighter, self_normalise
+from common.tracking import Means, Tracker
 
 
 @dataclass
@@ -88,16 +85,15 @@ class Args:
     eval_split: str = "test"
     """split of the held-out data"""
     max_length: int = 512
-    """longest prompt + response in tokens"""
+    """longest prompt + response in tokens of the dataset's examples"""
     max_prompt_length: int = 256
     """longest prompt in tokens (longer prompts keep their end)"""
     group_by_length: bool = True
     """batch examples of similar length together (less padding); the order of batches stays random"""
     reweighter: str = "none"
-    """how much each example counts: none (the data's weights), confidence (online pairs: |2p - 1|, p the annotator's
-    probability that generation1 is better), policy (WPO: the responses' probability under the policy),
-    importance:PATH (pi / rho against the model PATH that wrote the data; offline), or python:MODULE:FUNCTION
-    (common/reweight.py says which script takes which)"""
+    """how much each example counts: none (the data's weights), policy (WPO: the response's probability under the
+    policy), importance:PATH (pi / rho against the model PATH that wrote the data), or python:MODULE:FUNCTION
+    (common/reweight.py)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
@@ -124,23 +120,19 @@ class Args:
     eval_every: int = 100
     """evaluate every this many steps (and at the start and the end)"""
     num_eval_examples: int = 512
-    """held-out examples (pairs, in the pairwise scripts) for eval/loss"""
-    num_eval_prompts: int = 512
-    """held-out prompts sampled at each evaluation (eval/score, eval/win_rate, eval/kl; eval/reward on toy); 0: none"""
-    eval_annotator: str | None = None
-    """judge of the held-out samples, in --annotator's forms, or none; default: the training annotator (--online,
-    rl_ppo.py), toy on the toy task, else none (then nothing is sampled)"""
-    eval_temperature: float = 1.0
-    """sampling temperature of the held-out samples (1.0 measures the policy itself, not its mode)"""
-    eval_batch_size: int = 128
-    """held-out prompts sampled at a time on each process"""
+    """held-out examples (pairs, in the pairwise scripts) that each evaluation scores as in training (eval/loss,
+    eval/rewards/*); offline runs"""
+    eval: EvalArgs = field(default_factory=EvalArgs)
     judge: JudgeArgs = field(default_factory=JudgeArgs)
     generation: GenerationArgs = field(default_factory=GenerationArgs)
 
 
 def check_args(args: Args):
-    """Every flag's range, before any work; common.flags checks the flags all scripts share."""
+    """Every flag's range, before any work; common.flags checks the flags the scripts share."""
     check_shared_args(args)
+    check_dataset_args(args)
+    check_eval_args(args.eval, args.generation.max_new_tokens, args.dataset)
+    check_reweighter(args.reweighter, ("none", "policy", "importance", "python"), "sft.py")
 
 
 def main(args: Args):
@@ -159,38 +151,26 @@ def main(args: Args):
     reweighter = make_reweighter(args.reweighter)
     sees_policy = reweighter is not None and reweighter.sees_policy
     records = load_records(args.dataset, args.dataset_split, "sft")  # data first: bad data fails before a model loads
-    factory = BatchFactory(
-        tokenize_records(records, tokenizer, args.max_length, args.max_prompt_length),
-        pad_token_id=tokenizer.pad_token_id,
-        micro_batch_size=args.per_device_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        seed=args.seed,
-        group_by_length=args.group_by_length,
-        reweighter=reweighter,
-    )
+    factory, eval_rows = offline_data(args, records, "sft", tokenizer, reweighter)
     if reweighter is not None and reweighter.behaviour_path:  # importance: rho's log-probs, once
-        reweighter.prepare(factory.rows_until(args.max_steps), tokenizer, device, dtype, args.per_device_batch_size)
-    eval_records = load_eval_records(args.dataset, args.eval_dataset, args.eval_split, "sft", args.num_eval_examples)
-    eval_rows = (
-        tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length) if eval_records else []
-    )
+        used = factory.indices_until(args.max_steps)
+        reweighter.prepare(factory.rows, used, tokenizer, device, dtype, args.per_device_batch_size)
     eval_batches = shard_batches(eval_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
     model = load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing)
     model = prepare_model(model, device, dtype)
     print0(f"model: {args.model_name_or_path}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    held_out = held_out_eval(args, tokenizer, device)
+    held_out = held_out_eval(args, tokenizer, device, dtype)
 
     @torch.no_grad()
-    def evaluate(step: int) -> dict:
+    def evaluate(step: int, tracker: Tracker) -> dict:
         """eval/loss: held-out NLL per response token (unweighted); the held-out samples' eval/*
         (common/evaluation.py)."""
-        metrics, nll, num_response_tokens = {}, 0.0, 0.0
+        means = Means()
         for batch in eval_batches:
             ids, mask = batch["generation1_token_ids"], batch["generation1_attention_mask"]
             logps, response_mask = response_logps(model, ids, mask, batch["generation1_response_mask"])
-            nll, num_response_tokens = nll - logps.sum(), num_response_tokens + response_mask.sum()
-        if eval_batches:
-            metrics["eval/loss"] = (all_reduce(nll) / all_reduce(num_response_tokens)).item()
+            means.add("eval/loss", -logps, response_mask)
+        metrics = means.result()
         if held_out is not None:
             metrics |= held_out(step, model, None, tracker)
         return metrics
@@ -201,9 +181,10 @@ def main(args: Args):
     if args.resume:
         start_step, data_state = load_checkpoint(args.output_dir, model, optimizer, scheduler)
         factory.load_state_dict(data_state)
-    tracker = Tracker(args, resume_step=start_step if args.resume else None)
+    derived = {"global_batch_size": global_batch_size, "world_size": world_size}
+    tracker = Tracker(args, run_id, derived, resume_step=start_step if args.resume else None)
     if start_step == 0:
-        tracker.log(0, evaluate(0))
+        tracker.log(0, evaluate(0, tracker))
 
     finite = FiniteSteps(dtype)  # a non-finite loss or gradient never reaches the weights
     model.train()
@@ -242,24 +223,19 @@ def main(args: Args):
         # 5. log: one object per step in metrics.jsonl
         metrics = {}
         if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
-            num_tokens = all_reduce(sum(b["generation1_attention_mask"].sum() for b in batches)).item()
             elapsed = time.perf_counter() - step_start
             metrics |= {
                 "train/loss": all_reduce(nll_sum).item() / num_response_tokens,
                 "train/grad_norm": grad_norm,
                 "train/nonfinite_steps": finite.skipped,
                 "train/lr": scheduler.get_last_lr()[0],
-                "train/tokens_per_s": num_tokens / elapsed,
+                "train/tokens_per_s": all_reduce(training_tokens(batches)).item() / elapsed,
                 "train/examples_per_s": sum(len(b["prompt"]) for b in batches) * world_size / elapsed,
             }
             if reweighter is not None:
                 metrics |= reweighter.metrics(sum_over_processes(reweighter.stats))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
-            eval_metrics = evaluate(step + 1)
-            metrics |= eval_metrics
-            print0(
-                f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items() if "per_s" not in k)
-            )
+            metrics |= evaluate(step + 1, tracker)
         if metrics:
             tracker.log(step + 1, metrics)
         if args.save_every and (step + 1) % args.save_every == 0:

@@ -182,7 +182,7 @@ def our_command(pair: str, work: Path, small: bool) -> list[str]:
     command += ["--max_prompt_length", str(workload.MAX_PROMPT_LENGTH), "--dtype", "bf16", "--log_every", "1"]
     command += ["--eval_every", "1000000"]
     if pair != "reward_model":  # reward_model.py samples nothing
-        command += ["--num_eval_prompts", "0"]
+        command += ["--eval.num_prompts", "0"]
     if pair in ONLINE:
         command += ["--annotator", f"reward_model:{work / 'rm'}", "--generation.temperature", "1.0"]
         command += ["--generation.max_new_tokens", str(max_new_tokens(small))]

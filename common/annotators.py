@@ -40,7 +40,8 @@ import torch
 
 from common import toy
 from common.batch import pad
-from common.distributed import fail, import_function, print0
+from common.distributed import print0
+from common.flags import fail, import_function
 from common.logps import attention_mask
 from common.model import load_causal_lm, load_reward_model, load_tokenizer, reward_scores
 

@@ -14,10 +14,12 @@ and fields of our own, for the losses:
                                           (B, Tr)     the response tokens alone, right-padded: prompt_token_ids
                                                       + these are the training sequences, so a prompt can run
                                                       once for all its generations (common.logps.shared_prompt_logps)
-  generation1_reference_logps             (B,) float  sum of the response's log-probs under the reference
-                                                      (only where precomputed: common/model.add_reference_logps)
   position                                (B,) long   where each example sits in the step: offline its position
                                                       in the data stream, online a number unique within the step
+  index                                   (B,) long   offline: the example's row in its dataset (the key of what a
+                                                      script precomputes for it, e.g. the reference's log-probs)
+  trainable                               (B,) bool   False for the examples that only fill an online step (every
+                                                      loss and diagnostic leaves them out; their weights are 0 too)
   preference                              (B,) float  online pairs: the annotator's probability that generation1
                                                       is better (1.0, 0.0, 0.5 a tie, or in between; NaN where
                                                       the annotation failed), whatever the script made of it
@@ -32,14 +34,13 @@ tokenizer's chat template, which then owns the special tokens; text prompts get 
 """
 
 import math
-import time
-from collections import Counter
 
 import torch
 import torch.distributed as dist
 
-from common.distributed import all_reduce, fail, print0
-from common.generation import generate
+from common.data import load_eval_records
+from common.distributed import print0
+from common.flags import fail
 
 GENERATIONS = ("generation1", "generation2")
 
@@ -155,11 +156,10 @@ def collate(rows: list[dict], pad_token_id: int) -> dict:
         batch[f"{g}_token_ids"], batch[f"{g}_attention_mask"], batch[f"{g}_response_mask"] = ids, mask, response_mask
         batch[f"{g}_reward"] = None if None in rewards else torch.tensor(rewards, dtype=torch.float)
         batch[f"{g}_weight"] = torch.tensor([r[f"{g}_weight"] for r in rows], dtype=torch.float)
-        for name in ("reference_logps", "behaviour_logps"):  # precomputed (common.model.add_reference_logps)
-            if f"{g}_{name}" in rows[0]:
-                batch[f"{g}_{name}"] = torch.tensor([r[f"{g}_{name}"] for r in rows], dtype=torch.float)
-    if "position" in rows[0]:
-        batch["position"] = torch.tensor([r["position"] for r in rows])
+    for key in ("position", "index"):
+        if key in rows[0]:
+            batch[key] = torch.tensor([r[key] for r in rows])
+    batch["trainable"] = torch.tensor([r.get("trainable", True) for r in rows])
     if "preference" in rows[0]:
         batch["preference"] = torch.tensor([math.nan if r["preference"] is None else r["preference"] for r in rows])
     return batch
@@ -174,14 +174,32 @@ def interleave_responses(batch: dict, generations=GENERATIONS) -> tuple[torch.Te
     )
 
 
+def micro_batches(rows: list[dict], size: int, pad_token_id: int) -> list[dict]:
+    """Rows, in their order, cut into batches of `size`."""
+    return [collate(rows[i : i + size], pad_token_id) for i in range(0, len(rows), size)]
+
+
+def training_tokens(batches: list[dict]) -> int:
+    """The tokens of the trainable sequences of a step's batches, prompt and response each (a pair is two sequences,
+    its prompt counted in both, however the forward shares it): what train/tokens_per_s counts in every script."""
+    tokens = 0
+    for batch in batches:
+        for g in GENERATIONS:
+            if f"{g}_attention_mask" in batch:
+                tokens += int((batch[f"{g}_attention_mask"].sum(-1) * batch["trainable"]).sum())
+    return tokens
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def shard_batches(rows: list[dict], pad_token_id: int, batch_size: int, device: torch.device) -> list[dict]:
-    """This process's share of `rows`, as batches on `device`. Every process gets as many rows (the remainder
-    of an uneven split is left out), so all run the same number of forwards: FSDP's are collectives."""
+    """This process's share of `rows`, as batches on `device`, each row's `index` its place in `rows`. Every process
+    gets as many rows (the remainder of an uneven split is left out), so all run the same number of forwards: FSDP's
+    are collectives."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    rows = [{**row, "index": i} for i, row in enumerate(rows)]
     share = rows[: len(rows) // world_size * world_size][rank::world_size]
     return [
         to_device(collate(share[i : i + batch_size], pad_token_id), device) for i in range(0, len(share), batch_size)
@@ -196,8 +214,8 @@ class BatchFactory:
     rank r takes the r-th contiguous share. So the examples of a step do not depend on how the global
     batch is split, and the data position is just the step count (saved in checkpoints). Within a rank's
     share, rows are sorted by length before being cut into micro-batches: less padding, same gradient.
-    A reweighter (common/reweight.py) multiplies the weights of each step's rows.
-    The online factory (policy samples + annotator) has the same interface.
+    A reweighter (common/reweight.py) multiplies the weights of each step's rows. Each row carries its `position` in
+    the stream and its `index` in `rows`. (Online, common.online.OnlineSampler samples a step's rows instead.)
     """
 
     def __init__(
@@ -219,11 +237,7 @@ class BatchFactory:
 
     def next_step(self) -> list[dict]:
         rows = self.next_rows() if self.reweighter is None else self.reweighter(self.next_rows())
-        rows = sorted(rows, key=row_length)
-        return [
-            collate(rows[k : k + self.micro_batch_size], self.pad_token_id)
-            for k in range(0, len(rows), self.micro_batch_size)
-        ]
+        return micro_batches(sorted(rows, key=row_length), self.micro_batch_size, self.pad_token_id)
 
     def next_rows(self) -> list[dict]:
         """This process's rows of the next step, in stream order, each with its `position` in the stream."""
@@ -234,12 +248,14 @@ class BatchFactory:
 
     def row_at(self, position: int) -> dict:
         """The row at a position of the stream (a copy: the rows themselves are served again every epoch)."""
-        return {**self.rows[self.index(position)], "position": position}
+        index = self.index(position)
+        return {**self.rows[index], "position": position, "index": index}
 
-    def rows_until(self, max_steps: int) -> list[dict]:
-        """Every row that steps [0, max_steps) will serve, on any process (e.g. to precompute something for them)."""
+    def indices_until(self, max_steps: int) -> list[int]:
+        """The index of every row that steps [0, max_steps) will serve, on any process (to precompute something for
+        them), in order."""
         positions = range(max_steps * self.micro_batch_size * self.gradient_accumulation_steps * self.world_size)
-        return [self.rows[i] for i in sorted({self.index(p) for p in positions})]
+        return sorted({self.index(p) for p in positions})
 
     def index(self, position: int) -> int:
         epoch, i = divmod(position, len(self.rows))
@@ -274,243 +290,21 @@ def row_length(row: dict) -> int:
     )
 
 
-class OnlineBatchFactory:
-    """Online batches, same interface as BatchFactory: the dataset's prompts only (in the same seeded stream) ->
-    samples from the current policy -> the annotator -> the script's `label` -> the reweighter -> batches.
-
-    num_generations 2 (pairs): annotator.prefer gives each pair a preference, the probability that generation1 is
-    better (None where it failed), kept on the row as `preference`; num_generations 1: annotator.score gives each
-    response a score (None where it failed). The script's `label(annotation)` turns one into the generations'
-    rewards, a tuple (generation1_reward[, generation2_reward]), or None to drop the example: the script, not this
-    class, decides what is trained on (e.g. dpo_pairwise.py drops ties and failures).
-
-    samples_per_prompt k > 1 (groups, with num_generations 1): each prompt gets k scored samples, k rows that are
-    kept or dropped together (one dropped sample drops its group) and stay adjacent: rows i*k .. i*k + k - 1 of a
-    micro-batch share a prompt, and a row's group within the step is position // k.
-
-    The contract that keeps FSDP's collectives in step: every call of `next_step()` returns exactly
-    micro_batch_size * gradient_accumulation_steps examples on every process. When examples are dropped, more prompts
-    are sampled, in rounds that all processes take together, each sized by the rate kept so far. If max_rounds
-    are not enough (a policy so sure of itself that its samples tie), the step is filled with dropped examples at
-    weight 0: they contribute nothing to the loss, and are counted as online/padded. A step on which no process kept
-    anything is reported; max_untrainable_steps of them in a row stop the run, as does a step on which the annotator
-    failed on every example (a round on which it failed on every example ends the rounds: a judge that is down or
-    past its deadline costs one round, not max_rounds). Samples come from the policy as it is at this step
-    (on-policy); extra kept examples are discarded.
-
-    Sampling draws from a generator of this process's own, seeded with (seed, rank), so processes sample differently;
-    its state is part of `state_dict()` with the prompt stream's position, so a resumed run samples what an
-    uninterrupted one would. `stats` holds the counts of the latest step on this process (annotator counts under
-    annotator/); `metrics(totals)` turns them, summed over processes, into the logged online/* metrics.
-    """
-
-    def __init__(
-        self,
-        prompt_records: list[dict],
-        tokenizer,
-        policy,
-        annotator,
-        *,
-        num_generations: int,
-        samples_per_prompt: int = 1,
-        label,
-        generation,
-        max_prompt_length: int,
-        micro_batch_size: int,
-        gradient_accumulation_steps: int,
-        seed: int,
-        group_by_length: bool = True,
-        reweighter=None,
-        sample_reward=None,
-        max_rounds: int = 8,
-        max_untrainable_steps: int = 10,
-    ):
-        if num_generations not in (1, 2):
-            fail(f"OnlineBatchFactory samples 1 (scored) or 2 (compared) responses per prompt, not {num_generations}")
-        if samples_per_prompt > 1 and (num_generations != 1 or micro_batch_size % samples_per_prompt):
-            fail(
-                f"groups of {samples_per_prompt} samples per prompt need scored samples (num_generations 1) and a "
-                f"micro-batch ({micro_batch_size}) that is a multiple of {samples_per_prompt}"
-            )
-        rows = tokenize_records(prompt_records, tokenizer, max_prompt_length + 1, max_prompt_length)
-        for row, record in zip(rows, prompt_records):
-            # the annotator gets the prompt as the data has it, not as our template renders it
-            row["raw_prompt"] = record["prompt"]
-        self.prompts = BatchFactory(  # a step of prompts: one per example, or per group of samples_per_prompt
-            rows,
-            pad_token_id=tokenizer.pad_token_id,
-            micro_batch_size=micro_batch_size // samples_per_prompt,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            seed=seed,
-            group_by_length=group_by_length,
-        )
-        self.tokenizer, self.policy, self.annotator, self.label = tokenizer, policy, annotator, label
-        self.num_generations, self.generation, self.reweighter = num_generations, generation, reweighter
-        self.samples_per_prompt = samples_per_prompt
-        self.micro_batch_size, self.examples_per_step = micro_batch_size, micro_batch_size * gradient_accumulation_steps
-        self.sample_reward, self.max_rounds = sample_reward, max_rounds
-        self.max_untrainable_steps = max_untrainable_steps
-        self.device = next(policy.parameters()).device
-        # (seed, rank) -> this process's sampling stream; a single process draws what rank 0 of a torchrun draws
-        self.generator = torch.Generator(self.device).manual_seed(seed * 1000 + dist.get_rank())
-        self.keep_rate, self.untrainable_steps, self.stats, self.samples = 1.0, 0, Counter(), []
-
-    def next_step(self) -> list[dict]:
-        self.stats, annotator_before = Counter(), Counter(self.annotator.stats)
-        k = self.samples_per_prompt
-        kept, dropped = [], []  # groups (lists of k rows; one row each without groups)
-        for _ in range(self.max_rounds):
-            # every process takes the same rounds: the largest shortfall decides
-            missing = all_reduce(self.examples_per_step - k * len(kept), op=dist.ReduceOp.MAX).item()
-            if missing <= 0:
-                break
-            num_prompts = min(math.ceil(missing / k / max(self.keep_rate, 0.1)), 4 * self.examples_per_step // k)
-            failed_before = self.stats["failed"]
-            groups = self.sample(num_prompts)
-            groups_kept = [group for group in groups if all(row["kept"] for row in group)]
-            self.keep_rate = 0.5 * self.keep_rate + 0.5 * len(groups_kept) / num_prompts
-            kept, dropped = kept + groups_kept, dropped + [g for g in groups if not all(row["kept"] for row in g)]
-            # an annotator that failed on every example of a round (down, or past its deadline) is not asked again
-            if all_reduce(self.stats["failed"] - failed_before == num_prompts * k).item() == dist.get_world_size():
-                break
-        annotator_counts = Counter(self.annotator.stats)
-        annotator_counts.subtract(annotator_before)
-        self.stats.update({f"annotator/{key}": count for key, count in annotator_counts.items()})
-        self.stats["kept"] = k * len(kept)
-        failed_everywhere, kept_anywhere = all_reduce(
-            [self.stats["failed"] == self.stats["examples"], len(kept) > 0]
-        ).tolist()
-        if failed_everywhere == dist.get_world_size():  # every process decides together, or the others would hang
-            fail(f"the annotator failed on every example of a step; annotator stats: {dict(self.annotator.stats)}")
-        self.untrainable_steps = 0 if kept_anywhere else self.untrainable_steps + 1
-        if self.untrainable_steps:
-            print0(
-                f"online: nothing to train on in this step ({self.untrainable_steps} in a row): no example was "
-                f"labelled (this process: {self.stats['examples']} examples, {self.stats['ties']} ties, "
-                f"{self.stats['failed']} failed)"
-            )
-            if self.untrainable_steps >= self.max_untrainable_steps:
-                fail(
-                    f"online: {self.untrainable_steps} steps in a row with nothing to train on: the annotator "
-                    f"({type(self.annotator).__name__}) labelled no example ({self.stats['ties']} ties, "
-                    f"{self.stats['failed']} failed of {self.stats['examples']} in the last step on this process); "
-                    "check the annotator, or raise --generation.temperature so that samples differ"
-                )
-        kept = kept[: self.examples_per_step // k]
-        if self.reweighter is not None:
-            rows = self.reweighter([row for group in kept for row in group])
-            kept = [rows[i : i + k] for i in range(0, len(rows), k)]
-        if k * len(kept) < self.examples_per_step:  # still short: fill with dropped examples at weight 0
-            self.stats["padded"] += self.examples_per_step - k * len(kept)
-            kept += [
-                [{**row, **{f"{g}_weight": 0.0 for g in GENERATIONS[: self.num_generations]}} for row in group]
-                for group in dropped[: self.examples_per_step // k - len(kept)]
-            ]
-        kept = sorted(kept, key=lambda group: max(map(row_length, group)))  # grouped by length: less padding
-        rows = [
-            {**row, "position": dist.get_rank() * self.examples_per_step + i}
-            for i, row in enumerate(row for group in kept for row in group)
-        ]
-        return [
-            collate(rows[i : i + self.micro_batch_size], self.tokenizer.pad_token_id)
-            for i in range(0, self.examples_per_step, self.micro_batch_size)
-        ]
-
-    def sample(self, num_prompts: int) -> list[list[dict]]:
-        """Sample and annotate num_prompts prompts: for each, its group of samples_per_prompt rows (one row without
-        groups) with the samples, the annotation, the script's label (the rewards) and `kept` (False where the
-        label is None)."""
-        prompt_rows = []
-        while len(prompt_rows) < num_prompts:  # whole steps of the prompt stream, so its position stays a step count
-            prompt_rows += self.prompts.next_rows()
-        prompt_rows = prompt_rows[:num_prompts]
-        n, k = self.num_generations, self.samples_per_prompt
-        batch = collate(prompt_rows, self.tokenizer.pad_token_id)
-        start = time.perf_counter()
-        response_ids, response_mask = generate(  # prompt i's n * k samples at rows i*n*k .. (i + 1)*n*k - 1
-            self.policy,
-            batch["prompt_token_ids"].to(self.device),
-            batch["prompt_attention_mask"].to(self.device),
-            **vars(self.generation),
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            generator=self.generator,
-            num_samples=n * k,
-        )
-        self.stats["generation_seconds"] += time.perf_counter() - start
-        ids = [row[mask.bool()].tolist() for row, mask in zip(response_ids.cpu(), response_mask.cpu())]
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        self.stats["generated_tokens"] += sum(map(len, ids))
-        self.stats["responses"] += len(ids)
-        self.stats["eos"] += sum(r[-1:] == [self.tokenizer.eos_token_id] for r in ids)
-        if self.sample_reward is not None:
-            self.stats["sample_reward"] += sum(
-                self.sample_reward(batch["prompt"][i // (n * k)], t) for i, t in enumerate(texts)
-            )
-        raw_prompts = [r["raw_prompt"] for r in prompt_rows]
-        if n == 2:
-            annotations = self.annotator.prefer(raw_prompts, texts[0::2], texts[1::2])
-            self.stats["ties"] += sum(a == 0.5 for a in annotations)
-        else:
-            annotations = self.annotator.score([p for p in raw_prompts for _ in range(k)], texts)
-        self.stats["failed"] += sum(a is None for a in annotations)
-        groups = []
-        for i, prompt_row in enumerate(prompt_rows):
-            group = []
-            for j in range(i * k, (i + 1) * k):  # this prompt's rows: a pair (n 2) or one of its k samples each
-                rewards = self.label(annotations[j])
-                row = {
-                    "prompt": prompt_row["prompt"],
-                    "prompt_ids": prompt_row["prompt_ids"],
-                    "kept": rewards is not None,
-                }
-                if n == 2:
-                    row["preference"] = annotations[j]
-                for m, g in enumerate(GENERATIONS[:n]):
-                    row |= {
-                        f"{g}_response_only": texts[j * n + m],
-                        f"{g}_response_ids": ids[j * n + m],
-                        f"{g}_reward": math.nan if rewards is None else rewards[m],
-                        f"{g}_weight": 1.0,
-                    }
-                group.append(row)
-            groups.append(group)
-        self.stats["examples"] += len(annotations)
-        self.samples = [
-            (raw_prompts[i], texts[i * n * k : (i + 1) * n * k], annotations[i * k : (i + 1) * k])
-            for i in range(min(3, len(groups)))
-        ]
-        return groups
-
-    @staticmethod
-    def metrics(totals: dict) -> dict:
-        """online/* and annotator/* from `stats` summed over processes (common.distributed.sum_over_processes)."""
-        responses, examples = max(totals.get("responses", 0), 1), max(totals.get("examples", 0), 1)
-        metrics = {
-            "online/response_length": totals.get("generated_tokens", 0) / responses,
-            "online/eos_rate": totals.get("eos", 0) / responses,
-            "online/kept_fraction": totals.get("kept", 0) / examples,
-            "online/ties": totals.get("ties", 0) / examples,
-            "online/failed": totals.get("failed", 0) / examples,
-            "online/padded": totals.get("padded", 0),
-            # all processes' tokens over one process's sampling time (processes sample in parallel)
-            "online/generated_tokens_per_s": totals.get("generated_tokens", 0)
-            * dist.get_world_size()
-            / max(totals.get("generation_seconds", 0), 1e-9),
-        }
-        if "sample_reward" in totals:
-            metrics["online/sample_reward"] = totals["sample_reward"] / responses
-        return metrics | {key: value for key, value in totals.items() if key.startswith("annotator/")}
-
-    def state_dict(self) -> dict:
-        return {
-            "prompts": self.prompts.state_dict(),
-            "generator": self.generator.get_state(),
-            "keep_rate": self.keep_rate,
-            "untrainable_steps": self.untrainable_steps,
-        }
-
-    def load_state_dict(self, state: dict):
-        self.prompts.load_state_dict(state["prompts"])
-        self.generator.set_state(state["generator"])
-        self.keep_rate, self.untrainable_steps = state["keep_rate"], state["untrainable_steps"]
+def offline_data(args, records: list[dict], kind: str, tokenizer, reweighter=None) -> tuple[BatchFactory, list[dict]]:
+    """A script's offline data: the BatchFactory over the dataset's records, and the held-out rows (--num_eval_examples
+    `kind` records of --eval_dataset, or of --dataset's --eval_split), both tokenized by --max_length and
+    --max_prompt_length (the flags these scripts share, read by name)."""
+    factory = BatchFactory(
+        tokenize_records(records, tokenizer, args.max_length, args.max_prompt_length),
+        pad_token_id=tokenizer.pad_token_id,
+        micro_batch_size=args.per_device_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        seed=args.seed,
+        group_by_length=args.group_by_length,
+        reweighter=reweighter,
+    )
+    eval_records = load_eval_records(args.dataset, args.eval_dataset, args.eval_split, kind, args.num_eval_examples)
+    eval_rows = (
+        tokenize_records(eval_records, tokenizer, args.max_length, args.max_prompt_length) if eval_records else []
+    )
+    return factory, eval_rows

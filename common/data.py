@@ -44,7 +44,8 @@ import os
 from collections import Counter
 
 from common import toy
-from common.distributed import fail, print0
+from common.distributed import print0
+from common.flags import fail
 
 BUILTIN = {  # name -> (hub id, {split: hub split})
     "hh": ("Anthropic/hh-rlhf", {"train": "train", "test": "test"}),

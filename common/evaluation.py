@@ -1,9 +1,9 @@
 """Held-out generation eval: did the policy get better? The number RLHF papers report, on any dataset.
 
-Every --eval_every steps the policy samples one response to each of --num_eval_prompts held-out prompts (batched,
---eval_batch_size prompts at a time on each process, sharded over processes, at --eval_temperature from a generator
+Every --eval_every steps the policy samples one response to each of --eval.num_prompts held-out prompts (batched,
+--eval.batch_size prompts at a time on each process, sharded over processes, at --eval.temperature from a generator
 seeded afresh each time, so two evaluations of the same weights give the same numbers), and the eval annotator
-(--eval_annotator, the forms of --annotator) judges them:
+(--eval.annotator, the forms of --annotator) judges them:
 
     eval/score            mean score of the policy's responses (the annotator's pointwise form)
     eval/win_rate         how often the annotator prefers the policy's response to the initial policy's response to
@@ -13,7 +13,7 @@ seeded afresh each time, so two evaluations of the same weights give the same nu
     eval/response_length  response tokens (EOS included)
     eval/eos_rate         fraction of responses that ended with EOS within --generation.max_new_tokens
     eval/kl               mean of log pi(y|x) - log ref(y|x) over the policy's responses (where the script holds the
-                          reference model), a sample estimate of KL(pi || ref) at --eval_temperature 1
+                          reference model), a sample estimate of KL(pi || ref) at --eval.temperature 1
     eval/reward           the toy task only: the true reward (there the toy annotator's score is this, so no eval/score)
 
 The initial policy's responses are those of the first evaluation, at step 0 before any training; they are kept in
@@ -27,6 +27,7 @@ output_dir/eval_samples.jsonl.
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -35,12 +36,28 @@ from common import toy
 from common.annotators import ToyAnnotator, as_text, make_annotator
 from common.batch import collate, tokenize_records
 from common.data import load_eval_records
-from common.distributed import compute_dtype, fail, gather_objects, is_main, print0, sum_over_processes
+from common.distributed import gather_objects, is_main, print0, sum_over_processes
+from common.flags import fail
 from common.generation import generate
 from common.logps import shared_prompt_logps
 
 INITIAL = "eval_initial.jsonl"
 TABLE_ROWS = 8
+
+
+@dataclass
+class EvalArgs:
+    """The held-out generation eval of a script that trains a policy (its --eval.* flags)."""
+
+    num_prompts: int = 512
+    """held-out prompts sampled at each evaluation (eval/score, eval/win_rate, eval/kl; eval/reward on toy); 0: none"""
+    annotator: str | None = None
+    """judge of the held-out samples, in --annotator's forms, or none; default: the training annotator (--online,
+    rl_ppo.py), toy on the toy task, else none (then nothing is sampled)"""
+    temperature: float = 1.0
+    """sampling temperature of the held-out samples (1.0 measures the policy itself, not its mode)"""
+    batch_size: int = 128
+    """held-out prompts sampled at a time on each process"""
 
 
 def win(preference: float | None) -> float | None:
@@ -93,7 +110,7 @@ class HeldOutEval:
         if [line["prompt"] for line in kept] != self.all_prompts:
             fail(
                 f"{self.path} holds the initial responses to other held-out prompts than this run's "
-                "(--eval_dataset, --eval_split or --num_eval_prompts changed?); resume with the run's own flags"
+                "(--eval_dataset, --eval_split or --eval.num_prompts changed?); resume with the run's own flags"
             )
         return [kept[i] for i in self.indices]
 
@@ -229,25 +246,27 @@ class HeldOutEval:
         return verdicts, len(differ), sum(p is None for p in preferences)
 
 
-def held_out_eval(args, tokenizer, device, annotator=None) -> HeldOutEval | None:
-    """The script's HeldOutEval, from its flags; `annotator` is the script's training annotator (online), if any.
+def held_out_eval(args, tokenizer, device, dtype, annotator=None, annotator_spec=None) -> HeldOutEval | None:
+    """The script's HeldOutEval, from args.eval (EvalArgs) and the flags every script that trains a policy shares
+    (dataset, eval_dataset, eval_split, max_prompt_length, generation, per_device_batch_size, seed, output_dir, judge);
+    `annotator` is the script's training annotator (online, rl_ppo.py), made from `annotator_spec`, if any.
 
-    The eval annotator: --eval_annotator, or by default the training annotator, the toy annotator on the toy task,
+    The eval annotator: --eval.annotator, or by default the training annotator, the toy annotator on the toy task,
     else none. With none (and not on the toy task), nothing is sampled: None."""
-    spec = args.eval_annotator
+    spec = args.eval.annotator
     if spec is None:
         eval_annotator = annotator or (ToyAnnotator() if toy.is_toy(args.dataset) else None)
     elif spec == "none":
         eval_annotator = None
-    elif annotator is not None and spec == args.annotator:
+    elif annotator is not None and spec == annotator_spec:
         eval_annotator = annotator  # one reward model or judge in memory, not two
     else:
-        eval_annotator = make_annotator(spec, device, args.judge, compute_dtype(args.dtype, device))
+        eval_annotator = make_annotator(spec, device, args.judge, dtype)
     if eval_annotator is None and not toy.is_toy(args.dataset):
-        print0("no held-out generation eval: no --eval_annotator to judge the samples (eval/score, eval/win_rate)")
+        print0("no held-out generation eval: no --eval.annotator to judge the samples (eval/score, eval/win_rate)")
         return None
-    records = load_eval_records(args.dataset, args.eval_dataset, args.eval_split, "prompt", args.num_eval_prompts)
-    if not records or len(records) < dist.get_world_size():  # num_eval_prompts 0, or not one prompt per process
+    records = load_eval_records(args.dataset, args.eval_dataset, args.eval_split, "prompt", args.eval.num_prompts)
+    if not records or len(records) < dist.get_world_size():  # num_prompts 0, or not one prompt per process
         print0(
             f"no held-out generation eval: {len(records or [])} held-out prompts for {dist.get_world_size()} processes"
         )
@@ -258,8 +277,8 @@ def held_out_eval(args, tokenizer, device, annotator=None) -> HeldOutEval | None
         eval_annotator,
         max_prompt_length=args.max_prompt_length,
         max_new_tokens=args.generation.max_new_tokens,
-        temperature=args.eval_temperature,
-        batch_size=args.eval_batch_size,
+        temperature=args.eval.temperature,
+        batch_size=args.eval.batch_size,
         forward_batch_size=args.per_device_batch_size,
         seed=args.seed,
         output_dir=args.output_dir,

@@ -1,9 +1,32 @@
-"""Range checks of the command line, run before any work: a bad flag stops the run in one line that names the flag,
-the value and what is accepted. Each script checks its own flags in its `check_args`; the flags every script shares
-(DESIGN.md's command line, and the nested --judge.* and --generation.* groups) are checked here."""
+"""The command line's one-line errors: `fail`, and the range checks run before any work, where a bad flag stops the
+run in one line that names the flag, the value and what is accepted. Each script checks its own flags in its
+`check_args`; the flags scripts share (DESIGN.md's command line, and the nested --eval.*, --judge.* and --generation.*
+groups) are checked here. And `import_function`, for the flags that name a python function."""
+
+import importlib
+import os
+import sys
 
 from common import toy
-from common.distributed import fail
+
+
+def fail(message: str):
+    """Stop with a one-line error and no traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def import_function(flag: str, module: str, function: str):
+    """FUNCTION of MODULE, named on the command line (e.g. --annotator python:my_rewards:f finds ./my_rewards.py)."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        imported = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        fail(f"{flag}: cannot import module '{e.name}' (searched the current directory and sys.path)")
+    found = getattr(imported, function, None)
+    if not callable(found):
+        fail(f"{flag}: module '{module}' has no function '{function}'")
+    return found
 
 
 def require(ok: bool, flag: str, value, accepted: str):
@@ -13,37 +36,48 @@ def require(ok: bool, flag: str, value, accepted: str):
 
 
 def check_shared_args(args):
-    """The flags of DESIGN.md's shared command line that a script has."""
-    for flag in ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "log_every", "eval_every"):
-        if hasattr(args, flag):
-            require(getattr(args, flag) >= 1, flag, getattr(args, flag), "must be at least 1")
-    for flag in ("save_every", "warmup_steps", "weight_decay", "num_eval_examples", "num_eval_prompts"):
-        if hasattr(args, flag):
-            require(getattr(args, flag) >= 0, flag, getattr(args, flag), "must be 0 or more")
-    if hasattr(args, "eval_annotator"):  # the held-out generation eval (common/evaluation.py)
-        check_eval_args(args)
+    """The flags every script has (tests/test_scripts_agree.py keeps them in each), read by name: a renamed one fails
+    here, not silently."""
+    for flag, value in (
+        ("max_steps", args.max_steps),
+        ("per_device_batch_size", args.per_device_batch_size),
+        ("gradient_accumulation_steps", args.gradient_accumulation_steps),
+        ("log_every", args.log_every),
+        ("eval_every", args.eval_every),
+    ):
+        require(value >= 1, flag, value, "must be at least 1")
+    for flag, value in (
+        ("save_every", args.save_every),
+        ("warmup_steps", args.warmup_steps),
+        ("weight_decay", args.weight_decay),
+    ):
+        require(value >= 0, flag, value, "must be 0 or more")
     if args.learning_rate is not None:
         require(args.learning_rate > 0, "learning_rate", args.learning_rate, "must be above 0")
     require(args.max_grad_norm > 0, "max_grad_norm", args.max_grad_norm, "must be above 0 (the clipping norm)")
     require(1 <= args.max_prompt_length, "max_prompt_length", args.max_prompt_length, "must be at least 1")
+
+
+def check_dataset_args(args):
+    """The flags of the scripts that train on the dataset's examples (all but rl_ppo.py): --max_length,
+    --num_eval_examples."""
+    require(args.num_eval_examples >= 0, "num_eval_examples", args.num_eval_examples, "must be 0 or more")
     require(
         args.max_prompt_length < args.max_length,
         "max_prompt_length",
         args.max_prompt_length,
         f"must be below --max_length ({args.max_length}) to leave room for the response",
     )
-    if getattr(args, "online", False):
-        check_online_args(args)
 
 
-def check_eval_args(args):
-    """--eval_annotator, --eval_temperature, --eval_batch_size and the response length of the held-out samples."""
-    require(args.eval_temperature >= 0, "eval_temperature", args.eval_temperature, "must be 0 (greedy) or more")
-    require(args.eval_batch_size >= 1, "eval_batch_size", args.eval_batch_size, "must be at least 1")
-    max_new_tokens = args.generation.max_new_tokens
+def check_eval_args(eval_args, max_new_tokens: int, dataset: str):
+    """--eval.* (common.evaluation.EvalArgs) and the response length of the held-out samples."""
+    require(eval_args.num_prompts >= 0, "eval.num_prompts", eval_args.num_prompts, "must be 0 or more")
+    require(eval_args.temperature >= 0, "eval.temperature", eval_args.temperature, "must be 0 (greedy) or more")
+    require(eval_args.batch_size >= 1, "eval.batch_size", eval_args.batch_size, "must be at least 1")
     require(max_new_tokens >= 1, "generation.max_new_tokens", max_new_tokens, "must be at least 1")
-    if args.eval_annotator == "toy" and not toy.is_toy(args.dataset):
-        fail("--eval_annotator toy scores only the toy task; choose an annotator for this dataset (see --help)")
+    if eval_args.annotator == "toy" and not toy.is_toy(dataset):
+        fail("--eval.annotator toy scores only the toy task; choose an annotator for this dataset (see --help)")
 
 
 def check_online_args(args):

@@ -17,14 +17,14 @@ from common.logps import CACHE, prefill
 @dataclass
 class GenerationArgs:
     """How a script samples from the policy (its --generation.* flags): online, the training samples; everywhere, the
-    held-out samples' length (common/evaluation.py; their temperature is --eval_temperature)."""
+    held-out samples' length (common/evaluation.py; their temperature is --eval.temperature)."""
 
     max_new_tokens: int = 16
-    """longest sampled response in tokens"""
+    """longest sampled response in tokens (online samples and held-out samples)"""
     temperature: float = 1.0
-    """sampling temperature (> 0 online: at 0 every sample of a prompt is the same)"""
+    """sampling temperature of the online samples (> 0: at 0 every sample of a prompt is the same)"""
     top_p: float = 1.0
-    """nucleus sampling: keep the smallest set of tokens with this much probability"""
+    """nucleus sampling of the online samples: keep the smallest set of tokens with this much probability"""
 
 
 @torch.no_grad()

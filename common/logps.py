@@ -7,11 +7,17 @@ lengths (pytorch/pytorch#196678). `attention_mask` gives every query itself to s
 masked row; what a padding position computes reaches nothing, because no real token sees padding.
 """
 
+import math
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from packaging.version import Version
 from transformers import DynamicCache
+
+from common.batch import GENERATIONS, collate, interleave_responses, to_device
+from common.distributed import all_reduce
 
 # the keyword of a forward's KV cache: `cache` from transformers 5.24, `past_key_values` (deprecated there) before
 CACHE = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
@@ -129,6 +135,40 @@ def shared_prompt_logps(
     if not with_stats:
         return logps
     return logps, {"logps": logps, "mask": response_mask} | {k: v * response_mask for k, v in stats.items()}
+
+
+@torch.no_grad()
+def precompute_logps(model, rows: list[dict], pad_token_id: int, batch_size: int) -> torch.Tensor:
+    """Every response's summed log-prob under `model`, (len(rows), G) for token rows with G generations, on the CPU:
+    what a script computes once before training so that it needs no reference model (or behaviour model,
+    common/reweight.py) in memory, and keeps in a table of its own. Each process scores an equal share (FSDP forwards
+    are collectives, so every process runs as many), and a sum over processes gives everyone all."""
+    generations = [g for g in GENERATIONS if f"{g}_response_ids" in rows[0]]
+    rank, world_size, device = dist.get_rank(), dist.get_world_size(), next(model.parameters()).device
+    share = math.ceil(len(rows) / world_size)
+    mine = list(range(rank * share, min(len(rows), (rank + 1) * share)))
+    logps = torch.zeros(len(rows), len(generations), dtype=torch.float64)
+    for start in range(0, share, batch_size):
+        index = mine[start : start + batch_size]
+        batch = to_device(collate([rows[i] for i in index or [0]], pad_token_id), device)  # a dummy keeps step
+        # every generation of the batch in one forward that runs each prompt once
+        inputs = batch["prompt_token_ids"], batch["prompt_attention_mask"], *interleave_responses(batch, generations)
+        sums = shared_prompt_logps(model, *inputs).sum(-1).view(-1, len(generations))  # (B, G)
+        logps[index] = sums[: len(index)].double().cpu()
+    return all_reduce(logps).float()
+
+
+def token_values(critic, prompt_ids, prompt_mask, response_ids, response_mask):
+    """V(x, y_<t) for every response token t, (N, Tr), zero at padding: the critic's head on the hidden state that
+    predicts token t. Prompts (B, Tp) as in shared_prompt_logps, N = n * B."""
+    n, num_prompt = response_ids.shape[0] // prompt_ids.shape[0], prompt_ids.shape[1]
+    key_mask = torch.cat([prompt_mask.repeat_interleave(n, 0), response_mask], 1)
+    values = critic(
+        input_ids=torch.cat([prompt_ids.repeat_interleave(n, 0), response_ids], 1),
+        attention_mask=attention_mask(critic, key_mask, key_mask.shape[1]),  # left padding sees itself
+        position_ids=(key_mask.cumsum(-1) - 1).clamp(min=0),
+    ).logits[:, num_prompt - 1 : -1, 0]
+    return values.float() * response_mask
 
 
 @torch.no_grad()

@@ -5,7 +5,6 @@ import importlib.util
 import math
 
 import torch
-import torch.distributed as dist
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -15,9 +14,8 @@ from transformers import (
 )
 
 from common import toy
-from common.batch import GENERATIONS, collate, interleave_responses, to_device, tokenize_records
-from common.distributed import all_reduce, fail
-from common.logps import shared_prompt_logps
+from common.batch import collate, tokenize_records
+from common.flags import fail
 
 
 def attn_implementation(device: torch.device) -> str:
@@ -169,29 +167,3 @@ def reward_scores(
         )
         scores.append(out.logits[:, 0].float().cpu())
     return torch.cat(scores) - getattr(model.config, "reward_mean", 0.0)
-
-
-@torch.no_grad()
-def add_reference_logps(model, rows: list[dict], pad_token_id: int, batch_size: int, name: str = "reference_logps"):
-    """Store each response's summed log-prob under `model` in its row, as f"{generation}_{name}",
-    so training needs no reference model (or behaviour model, common/reweight.py) in memory. Each process scores
-    an equal share (FSDP forwards are collectives, so every process runs the same number), and a sum over processes
-    gives everyone all."""
-    generations = [g for g in GENERATIONS if f"{g}_response_ids" in rows[0]]
-    rank, world_size, device = dist.get_rank(), dist.get_world_size(), next(model.parameters()).device
-    share = math.ceil(len(rows) / world_size)
-    mine = list(range(rank * share, min(len(rows), (rank + 1) * share)))
-    logps = torch.zeros(len(rows), len(generations), dtype=torch.float64)
-    for start in range(0, share, batch_size):
-        index = mine[start : start + batch_size]
-        batch = to_device(
-            collate([rows[i] for i in index or [0]], pad_token_id), device
-        )  # a dummy batch keeps forwards in step
-        # every generation of the batch in one forward that runs each prompt once
-        inputs = batch["prompt_token_ids"], batch["prompt_attention_mask"], *interleave_responses(batch, generations)
-        sums = shared_prompt_logps(model, *inputs).sum(-1).view(-1, len(generations))  # (B, G)
-        logps[index] = sums[: len(index)].double().cpu()
-    logps = all_reduce(logps)
-    for i, row in enumerate(rows):
-        for k, g in enumerate(generations):
-            row[f"{g}_{name}"] = logps[i, k].item()

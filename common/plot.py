@@ -18,7 +18,7 @@ import math
 import os
 from pathlib import Path
 
-from common.distributed import fail
+from common.flags import fail
 
 
 def read_metrics(run_dir: str) -> list[dict]:

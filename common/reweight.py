@@ -2,9 +2,10 @@
 
 Per step: prompts -> generate -> annotate -> reweight -> loss (DESIGN.md). Two moments to reweight:
 1. From the rows, before collation (none, confidence, python:M:F with one argument): called on the token rows of
-   one optimizer step on one process (as common.batch's tokenize_records and OnlineBatchFactory build them); returns
-   shallow copies whose every f"{g}_weight" is the old weight times the row's factor. The input rows are never
-   changed (offline rows are served again every epoch), and a dataset's weight column composes with the factor.
+   one optimizer step on one process (as common.batch's tokenize_records and common.online's OnlineSampler build
+   them); returns shallow copies whose every f"{g}_weight" is the old weight times the row's factor. The input rows
+   are never changed (offline rows are served again every epoch), and a dataset's weight column composes with the
+   factor. Rows that only fill an online step (trainable False) keep their weight 0 and are not counted.
 2. From the current policy, in the loop (policy, importance:PATH, python:M:F with two arguments): after the forward
    the loss already runs and before the loss, `policy_factors(batch, policy)` gets that forward's per-token
    log-probs, detached, and returns one factor per example (B,), which the script multiplies into the weights.
@@ -40,7 +41,8 @@ kto_pointwise.py take them, rl_ppo.py takes python functions, reward_model.py th
                              causal LM with the policy's tokenizer: the model that wrote the data, or the SFT model
                              fitted to it): factor = min(pi(y|x) / rho(y|x), IMPORTANCE_CLIP), the product over a
                              pair's two responses (the pair's probability), then divided by the step's mean factor.
-                             rho's log-probs are computed once before training, as the reference's are. Offline
+                             rho's log-probs are computed once before training, as the reference's are, into a
+                             table of the reweighter's own that the batch's `index` (its dataset row) reads. Offline
                              only (online samples come from pi itself). sft.py's loss is a token mean, and its
                              divisor is still the examples' mean factor, not a token-weighted one.
     python:MODULE:FUNCTION   FUNCTION(rows) -> one factor >= 0 per row (list, tuple or 1-D tensor), at collation;
@@ -62,9 +64,16 @@ import time
 import torch
 
 from common.batch import GENERATIONS
-from common.distributed import fail, import_function, prepare_model, print0, sum_over_processes
+from common.distributed import prepare_model, print0, sum_over_processes
+from common.flags import fail, import_function
 
-FORMS = "none, confidence, policy, importance:PATH, python:MODULE:FUNCTION"
+REWEIGHTERS = {  # kind -> its form on the command line
+    "none": "none",
+    "confidence": "confidence",
+    "policy": "policy",
+    "importance": "importance:PATH",
+    "python": "python:MODULE:FUNCTION",
+}
 IMPORTANCE_CLIP = 5.0  # importance:PATH truncates pi / rho here, before self-normalising
 
 
@@ -83,14 +92,15 @@ class Reweighter:
         self.stats = collections.Counter()  # a new step (the policy kinds' micro-batches add theirs up in the loop)
         if self.sees_policy:
             return rows
-        factors = self.factors(rows)
-        self.count(torch.tensor(factors, dtype=torch.float64))
+        trainable = [i for i, row in enumerate(rows) if row.get("trainable", True)]
+        factors = dict(zip(trainable, self.factors([rows[i] for i in trainable])))
+        self.count(torch.tensor(list(factors.values()), dtype=torch.float64))
         reweighted = []
-        for row, factor in zip(rows, factors):
+        for i, row in enumerate(rows):
             row = dict(row)
             for g in GENERATIONS:
                 if f"{g}_weight" in row:
-                    row[f"{g}_weight"] = row[f"{g}_weight"] * factor
+                    row[f"{g}_weight"] = row[f"{g}_weight"] * factors.get(i, 1.0)
             reweighted.append(row)
         return reweighted
 
@@ -104,7 +114,8 @@ class Reweighter:
         """weights (B,) times the policy's factors, as constants (no gradient flows through a factor)."""
         with torch.no_grad():
             factors = self.policy_factors(batch, policy, len(weights)).to(weights.dtype)
-        self.count(factors[weights > 0])  # examples of weight 0 (padded in) do not count
+        trainable = batch.get("trainable", torch.ones_like(weights, dtype=torch.bool))
+        self.count(factors[trainable])  # examples that only fill an online step do not count
         return weights * factors
 
     def count(self, factors: torch.Tensor):
@@ -171,20 +182,22 @@ class ImportanceReweighter(Reweighter):
     def __init__(self, path: str):
         super().__init__()
         self.behaviour_path = path
+        self.behaviour_logps = None  # (dataset rows, G): rho's summed log-prob of each response (`prepare`)
 
     def policy_factors(self, batch, policy, num_examples):
         logps, _ = sequences(policy, num_examples)  # (B, n)
-        generations = [g for g in GENERATIONS if f"{g}_behaviour_logps" in batch][: logps.shape[1]]
-        if len(generations) < logps.shape[1]:
-            fail(f"--reweighter importance:{self.behaviour_path}: the batch has no behaviour log-probs (offline only)")
-        behaviour = torch.stack([batch[f"{g}_behaviour_logps"] for g in generations], 1)
+        if self.behaviour_logps is None or "index" not in batch:
+            fail(f"--reweighter importance:{self.behaviour_path}: no behaviour log-probs for this batch (offline only)")
+        behaviour = self.behaviour_logps[batch["index"].cpu()].to(logps.device)
         ratios = torch.exp((logps.double() - behaviour.double()).sum(-1))
         self.stats.update(clipped=(ratios > IMPORTANCE_CLIP).sum().item())
         return ratios.clamp(max=IMPORTANCE_CLIP)
 
-    def prepare(self, rows: list[dict], tokenizer, device, dtype, batch_size: int):
-        """Store rho's summed log-prob of each response in its row (f"{g}_behaviour_logps"), once, before training."""
-        from common.model import add_reference_logps, load_causal_lm, load_tokenizer
+    def prepare(self, rows: list[dict], indices: list[int], tokenizer, device, dtype, batch_size: int):
+        """rho's summed log-prob of each response of the rows at `indices` (those the run will train on), once,
+        before training, into `behaviour_logps`."""
+        from common.logps import precompute_logps
+        from common.model import load_causal_lm, load_tokenizer
 
         if load_tokenizer(self.behaviour_path).get_vocab() != tokenizer.get_vocab():
             fail(
@@ -194,9 +207,11 @@ class ImportanceReweighter(Reweighter):
         start = time.perf_counter()
         behaviour = load_causal_lm(self.behaviour_path, tokenizer, device)
         behaviour = prepare_model(behaviour, device, dtype, trainable=False)
-        add_reference_logps(behaviour.eval(), rows, tokenizer.pad_token_id, batch_size, name="behaviour_logps")
+        used = precompute_logps(behaviour.eval(), [rows[i] for i in indices], tokenizer.pad_token_id, batch_size)
+        self.behaviour_logps = torch.full((len(rows), used.shape[1]), math.nan)
+        self.behaviour_logps[indices] = used
         seconds = time.perf_counter() - start
-        print0(f"behaviour log-probs of {len(rows)} examples under {self.behaviour_path} in {seconds:.1f} s")
+        print0(f"behaviour log-probs of {len(indices)} examples under {self.behaviour_path} in {seconds:.1f} s")
 
 
 class PythonReweighter(Reweighter):
@@ -272,4 +287,11 @@ def make_reweighter(spec: str) -> Reweighter | None:
     module, _, function = rest.partition(":")
     if kind == "python" and module and function:
         return PythonReweighter(module, function)
-    fail(f"unknown --reweighter '{spec}'; accepted forms: {FORMS}")
+    fail(f"unknown --reweighter '{spec}'; accepted forms: {', '.join(REWEIGHTERS.values())}")
+
+
+def check_reweighter(spec: str, takes: tuple[str, ...], script: str, why: str = ""):
+    """Stop in one line, before any work, where the script does not take this kind of --reweighter (`takes`: the
+    kinds it does, of REWEIGHTERS; `why`: the reason, said after them)."""
+    if spec.partition(":")[0] not in takes:
+        fail(f"--reweighter {spec}: {script} takes {', '.join(REWEIGHTERS[kind] for kind in takes)}{why}")

@@ -13,15 +13,17 @@ import functools
 import random
 from pathlib import Path
 
-from transformers import LlamaConfig
-
 TOKENIZER_DIR = Path(__file__).parent / "toy_tokenizer"  # every printable ASCII character is one token
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 NUM_PROMPTS = {"train": 20000, "test": 512}
 SPLIT_SEEDS = {"train": 0, "test": 1}
 
 
-def toy_config(tokenizer) -> LlamaConfig:
+def toy_config(tokenizer):
+    """The tiny Llama's config (transformers imported here, so that what needs only the task's data and reward, such as
+    `python -m common.plot`, does not load it)."""
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,

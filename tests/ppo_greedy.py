@@ -8,9 +8,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tyro  # noqa: E402
 
-import common.batch  # noqa: E402
+import common.online  # noqa: E402
 import rl_ppo  # noqa: E402
 from common.generation import generate  # noqa: E402
 
-common.batch.generate = lambda *args, **kwargs: generate(*args, **{**kwargs, "temperature": 0.0})
+common.online.generate = lambda *args, **kwargs: generate(*args, **{**kwargs, "temperature": 0.0})
 rl_ppo.main(tyro.cli(rl_ppo.Args))

@@ -10,10 +10,9 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import rl_ppo
 from common.batch import pad
 from common.generation import generate
-from common.logps import response_logps, shared_prompt_logps
+from common.logps import response_logps, shared_prompt_logps, token_values
 from common.model import checkpoint_activations, load_causal_lm, load_tokenizer, load_value_model
 
 CPU = torch.device("cpu")
@@ -74,7 +73,7 @@ def test_no_query_row_is_fully_masked(attention_calls, checkpointing):
     options = dict(max_new_tokens=4, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     generate(model, prompt_ids, prompt_mask, **options, num_samples=2, generator=torch.Generator().manual_seed(0))
     critic = load_value_model("toy", tokenizer, CPU)
-    rl_ppo.token_values(critic, prompt_ids, prompt_mask, response_ids, response_mask).sum().backward()
+    token_values(critic, prompt_ids, prompt_mask, response_ids, response_mask).sum().backward()
     ids, mask = pad([[5, 6, 7], [5, 6, 7, 8, 9]], tokenizer.pad_token_id)
     response_logps(model, ids, mask, mask.bool() & (torch.arange(5) >= 1))[0].sum().backward()
     assert len(attention_calls) >= 2 * 4 * 4 and fully_masked_rows(attention_calls) == 0

@@ -11,6 +11,7 @@ import dpo_pairwise
 import reward_model
 import sft
 from common.annotators import JudgeArgs
+from common.evaluation import EvalArgs
 from common.generation import GenerationArgs
 from common.model import load_reward_model, load_tokenizer
 from conftest import read_metrics, run_script
@@ -28,11 +29,13 @@ BAD_FLAGS = [  # (script, flags, what the error line says)
     ("sft.py", {"max_grad_norm": 0.0}, "--max_grad_norm 0.0: must be above 0"),
     ("sft.py", {"max_prompt_length": 0}, "--max_prompt_length 0: must be at least 1"),
     ("sft.py", {"max_prompt_length": 512}, "--max_prompt_length 512: must be below --max_length (512)"),
-    ("sft.py", {"eval_temperature": -1.0}, "--eval_temperature -1.0: must be 0 (greedy) or more"),
-    ("sft.py", {"eval_batch_size": 0}, "--eval_batch_size 0: must be at least 1"),
-    ("sft.py", {"num_eval_prompts": -1}, "--num_eval_prompts -1: must be 0 or more"),
+    ("sft.py", {"eval": EvalArgs(temperature=-1.0)}, "--eval.temperature -1.0: must be 0 (greedy) or more"),
+    ("sft.py", {"eval": EvalArgs(batch_size=0)}, "--eval.batch_size 0: must be at least 1"),
+    ("sft.py", {"eval": EvalArgs(num_prompts=-1)}, "--eval.num_prompts -1: must be 0 or more"),
     ("sft.py", {"generation": GenerationArgs(max_new_tokens=0)}, "--generation.max_new_tokens 0: must be at least 1"),
-    ("sft.py", {"dataset": "hh", "eval_annotator": "toy"}, "--eval_annotator toy scores only the toy task"),
+    ("sft.py", {"dataset": "hh", "eval": EvalArgs(annotator="toy")}, "--eval.annotator toy scores only the toy task"),
+    ("sft.py", {"reweighter": "confidence"}, "--reweighter confidence: sft.py takes none, policy, importance:PATH"),
+    ("reward_model.py", {"reweighter": "policy"}, "--reweighter policy: reward_model.py takes none, python:"),
     ("reward_model.py", {"num_center_pairs": 0}, "--num_center_pairs 0: must be at least 1"),
     ("reward_model.py", {"weight_decay": -0.1}, "--weight_decay -0.1: must be 0 or more"),
     ("reward_model.py", {"num_eval_examples": -1}, "--num_eval_examples -1: must be 0 or more"),
@@ -149,7 +152,7 @@ def test_an_annotator_that_never_decides_stops_the_run(tmp_path, sft_model, anno
         "python:bad_annotators:constant",
         "--per_device_batch_size",
         "4",
-        "--num_eval_prompts",
+        "--eval.num_prompts",
         "16",
         "--output_dir",
         str(tmp_path),
@@ -176,7 +179,7 @@ def test_an_annotator_that_never_returns_stops_the_run(tmp_path, sft_model, anno
         "1",
         "--per_device_batch_size",
         "4",
-        "--num_eval_prompts",
+        "--eval.num_prompts",
         "16",
         "--output_dir",
         str(tmp_path),

@@ -8,7 +8,7 @@ from common.batch import BatchFactory, collate, tokenize_records
 from common.data import load_records
 from common.model import load_tokenizer
 
-SCHEMA = {"prompt", "prompt_token_ids", "prompt_attention_mask"} | {
+SCHEMA = {"prompt", "prompt_token_ids", "prompt_attention_mask", "trainable"} | {
     f"{g}{suffix}"
     for g in ("generation1", "generation2")
     for suffix in (

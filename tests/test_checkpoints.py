@@ -10,7 +10,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from transformers import get_cosine_schedule_with_warmup
 
-from common.distributed import checkpoints, claim_output_dir, load_checkpoint, prepare_model, save_checkpoint
+from common.checkpoint import checkpoints, claim_output_dir, load_checkpoint, save_checkpoint
+from common.distributed import prepare_model
 from common.model import load_causal_lm, load_tokenizer
 from conftest import REPO, run_script
 
@@ -312,7 +313,8 @@ def test_a_bug_while_saving_keeps_its_traceback(world_of_one, tmp_path):
 
 TWO_RANKS = """
 import errno, sys, torch, torch.distributed as dist
-from common.distributed import claim_output_dir, init_distributed
+from common.checkpoint import claim_output_dir
+from common.distributed import init_distributed
 from test_checkpoints import Run
 init_distributed(0)
 output_dir, rank = sys.argv[1], dist.get_rank()

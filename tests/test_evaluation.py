@@ -166,7 +166,7 @@ def chat_run(tmp_path_factory, bpe_tokenizer, hh_rows):
         "def words(prompts, responses):\n    return [float(len(r.split())) for r in responses]\n"
     )
     flags = ["--model_name_or_path", str(folder / "model"), "--dataset", str(folder / "chat.jsonl")]
-    flags += ["--eval_dataset", str(folder / "chat.jsonl"), "--num_eval_prompts", "12", "--eval_every", "2"]
+    flags += ["--eval_dataset", str(folder / "chat.jsonl"), "--eval.num_prompts", "12", "--eval_every", "2"]
     flags += ["--max_steps", "2", "--max_length", "128", "--max_prompt_length", "64", "--per_device_batch_size", "4"]
     flags += ["--generation.max_new_tokens", "12", "--log_every", "1", "--warmup_steps", "0"]
     return folder, flags, {"PYTHONPATH": str(folder)}
@@ -184,7 +184,7 @@ def assert_logged_held_out_eval(output_dir):
 def test_sft_logs_score_and_win_rate_on_a_chat_dataset(chat_run, tmp_path):
     folder, flags, env = chat_run
     run_script(
-        "sft.py", *flags, "--eval_annotator", "python:eval_rewards:words", "--output_dir", str(tmp_path), env=env
+        "sft.py", *flags, "--eval.annotator", "python:eval_rewards:words", "--output_dir", str(tmp_path), env=env
     )
     assert_logged_held_out_eval(tmp_path)
 

@@ -20,41 +20,57 @@ def sigmoid(x):
     return 1 / (1 + math.exp(-x))
 
 
+def loss(rewards, z_ref, desirable, beta, desirable_weight, undesirable_weight):
+    """kto_loss's losses, for log pi - log ref = rewards (reference log-probs 0)."""
+    args = kto_pointwise.Args(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+    return kto_pointwise.kto_loss(rewards, torch.zeros_like(rewards), z_ref, desirable, args)[0]
+
+
 def test_kto_loss_by_hand():
     """beta 0.5, z_ref 0.5, r = 2 for both: a desirable example loses 1 - sigmoid(0.5 * (2 - 0.5)) = 1 - sigmoid(0.75)
     = 0.3208213; an undesirable one with lambda_U = 2 loses 2 - 2 * sigmoid(0.5 * (0.5 - 2)) = 2 - 2 * sigmoid(-0.75)
     = 1.3583574."""
-    losses = kto_pointwise.kto_loss(T([2.0, 2.0]), 0.5, T([True, False]), 0.5, 1.0, 2.0)
+    losses = loss(T([2.0, 2.0]), 0.5, T([True, False]), 0.5, 1.0, 2.0)
     assert losses.tolist() == pytest.approx([1 - sigmoid(0.75), 2 - 2 * sigmoid(-0.75)])
     assert losses.tolist() == pytest.approx([0.3208213, 1.3583574])
     # a higher r lowers a desirable example's loss and raises an undesirable one's
-    higher = kto_pointwise.kto_loss(T([3.0, 3.0]), 0.5, T([True, False]), 0.5, 1.0, 2.0)
+    higher = loss(T([3.0, 3.0]), 0.5, T([True, False]), 0.5, 1.0, 2.0)
     assert higher[0] < losses[0] and higher[1] > losses[1]
 
 
 def test_policy_equal_to_reference_gives_half_lambda():
     """r = 0 and z_ref = 0: every example loses lambda * (1 - sigmoid(0)) = lambda / 2."""
-    losses = kto_pointwise.kto_loss(torch.zeros(4), 0.0, T([True, True, False, False]), 0.1, 1.0, 1.5)
+    losses = loss(torch.zeros(4), 0.0, T([True, True, False, False]), 0.1, 1.0, 1.5)
     assert losses.tolist() == pytest.approx([0.5, 0.5, 0.75, 0.75])
 
 
 def test_mismatched_pairs_follow_positions_across_the_step(world_of_one):
-    """Positions 3, 4 in one micro-batch and 5 in another: 3 gets 4's response, 4 gets 5's, 5 (the last) gets 3's,
-    whatever the micro-batches; nobody gets their own."""
+    """Positions 3, 4 in one micro-batch and 5 in another, three prompts: 3 gets 4's response, 4 gets 5's, 5 (the
+    last) gets 3's, whatever the micro-batches; nobody gets their own."""
 
-    def batch(positions, responses):
+    def batch(positions, prompts, responses):
         ids, mask = pad(responses, 0)
         return {
             "position": T(positions),
+            "prompt": prompts,
             "generation1_response_token_ids": ids,
             "generation1_response_attention_mask": mask,
             "prompt_token_ids": torch.zeros(len(positions), 1, dtype=torch.long),
         }
 
-    batches = [batch([4, 3], [[4, 4, 4], [3]]), batch([5], [[5, 5]])]
+    batches = [batch([4, 3], ["b", "a"], [[4, 4, 4], [3]]), batch([5], ["c"], [[5, 5]])]
     paired = kto_pointwise.mismatched_responses(batches, pad_token_id=0)
     responses = [[row[m.bool()].tolist() for row, m in zip(ids, mask)] for ids, mask in paired]
     assert responses == [[[5, 5], [4, 4, 4]], [[3]]]
+
+
+def test_a_partner_never_answers_the_same_prompt():
+    """Examples 0-5 where 0 and 1, and 3 and 4, share a prompt (a prompt's two responses side by side, as length
+    grouping puts the unpaired halves of a pair): each is paired with the next example of another prompt, cyclically;
+    where every prompt is the same, with the next example."""
+    examples = [(0, "a"), (1, "a"), (2, "b"), (3, "c"), (4, "c"), (5, "d")]
+    assert kto_pointwise.mismatched_partners(examples) == {0: 2, 1: 2, 2: 3, 3: 5, 4: 5, 5: 0}
+    assert kto_pointwise.mismatched_partners([(7, "x"), (8, "x")]) == {7: 8, 8: 7}
 
 
 def test_label_threshold(world_of_one):
@@ -75,7 +91,7 @@ FAST = [
     "1",
     "--num_eval_examples",
     "32",
-    "--num_eval_prompts",
+    "--eval.num_prompts",
     "16",
     "--learning_rate",
     "1e-3",
@@ -176,7 +192,7 @@ def test_online_kto_under_torchrun_and_resume(sft_model, tmp_path):
         "1",
         "--eval_every",
         "1000",
-        "--num_eval_prompts",
+        "--eval.num_prompts",
         "16",
         "--output_dir",
         str(tmp_path / "two"),
@@ -198,7 +214,7 @@ def test_online_kto_under_torchrun_and_resume(sft_model, tmp_path):
         "2",
         "--eval_every",
         "4",
-        "--num_eval_prompts",
+        "--eval.num_prompts",
         "16",
         "--save_every",
         "3",

@@ -13,7 +13,7 @@ from common.model import load_causal_lm, load_tokenizer
 from conftest import read_metrics, run_script
 
 CPU = torch.device("cpu")
-QUICK = ["--eval_every", "1000", "--log_every", "1", "--warmup_steps", "0"]  # and --num_eval_prompts 0 where it exists
+QUICK = ["--eval_every", "1000", "--log_every", "1", "--warmup_steps", "0"]  # and --eval.num_prompts 0 where it exists
 
 
 def checkpoint_state(path, tmp_path) -> dict:
@@ -36,7 +36,7 @@ def test_a_nonfinite_step_is_skipped_and_training_goes_on(tmp_path):
     """SFT with the gradients of step 3 NaN (tests/nonfinite.py): after step 3, the weights and AdamW's state (moments,
     step counts) are those after step 2 of the same run without NaN; step 4 trains on; the count is logged."""
     flags = [*QUICK, "--max_steps", "4", "--per_device_batch_size", "16", "--num_eval_examples", "0"]
-    flags += ["--num_eval_prompts", "0"]
+    flags += ["--eval.num_prompts", "0"]
     run_script("sft.py", *flags, "--save_every", "2", "--output_dir", str(tmp_path / "clean"))
     broken = run_script(
         "tests/nonfinite.py", "3", "3", "sft.py", *flags, "--save_every", "1", "--output_dir", str(tmp_path / "nan")
@@ -69,7 +69,7 @@ def test_three_nonfinite_steps_in_a_row_stop_every_script(tmp_path, script, extr
     if script != "rl_ppo.py":
         flags += ["--num_eval_examples", "0"]
     if script != "reward_model.py":
-        flags += ["--num_eval_prompts", "0"]
+        flags += ["--eval.num_prompts", "0"]
     proc = run_script("tests/nonfinite.py", "1", "1000", script, *flags, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
@@ -81,7 +81,7 @@ def test_a_learning_rate_that_blows_up_stops_the_run(tmp_path):
     """bf16 SFT at a learning rate of 1e8: the first update makes every later gradient NaN; the run stops after three
     skipped steps instead of training on into NaN and saving it."""
     flags = [*QUICK, "--max_steps", "8", "--per_device_batch_size", "8", "--num_eval_examples", "0"]
-    flags += ["--num_eval_prompts", "0"]
+    flags += ["--eval.num_prompts", "0"]
     proc = run_script(
         "sft.py", *flags, "--dtype", "bf16", "--learning_rate", "1e8", "--output_dir", str(tmp_path), check=False
     )
@@ -108,7 +108,7 @@ def test_bf16_computes_in_bf16_over_fp32_weights(world_of_one, shard):
 def test_bf16_one_process_and_two_agree(tmp_path):
     """sft.py --dtype bf16 on one process (autocast) and on two (FSDP2 mixed precision): the same losses to bf16's
     precision, both finite, and both below the first step's."""
-    flags = [*QUICK, "--max_steps", "4", "--num_eval_examples", "0", "--num_eval_prompts", "0", "--dtype", "bf16"]
+    flags = [*QUICK, "--max_steps", "4", "--num_eval_examples", "0", "--eval.num_prompts", "0", "--dtype", "bf16"]
     run_script("sft.py", *flags, "--per_device_batch_size", "16", "--output_dir", str(tmp_path / "one"))
     run_script("sft.py", *flags, "--per_device_batch_size", "8", "--output_dir", str(tmp_path / "two"), nproc=2)
     one, two = ([m["train/loss"] for m in read_metrics(tmp_path / d)[1:]] for d in ("one", "two"))

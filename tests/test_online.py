@@ -1,4 +1,5 @@
-"""The online setups: OnlineBatchFactory and dpo_pairwise.py --online, with the toy annotator and a flaky HTTP judge."""
+"""The online setups: common/online.py's steps and dpo_pairwise.py --online, with the toy annotator and a flaky HTTP
+judge."""
 
 import json
 import re
@@ -9,14 +10,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from common import toy
+from common import online, toy
 from common.annotators import Annotator, make_annotator
-from common.batch import OnlineBatchFactory
+from common.batch import GENERATIONS, collate, micro_batches
 from common.generation import GenerationArgs
 from common.model import load_causal_lm, load_tokenizer
+from common.online import OnlineSampler, example
 from common.reweight import make_reweighter
 from conftest import REPO, read_metrics, run_script
-from dpo_pairwise import label_pair
+from dpo_pairwise import label_pairs
 
 ONLINE = [
     "--online",
@@ -28,7 +30,7 @@ ONLINE = [
     "1",
     "--eval_every",
     "1000",
-    "--num_eval_prompts",
+    "--eval.num_prompts",
     "16",
 ]  # a few quick online steps
 
@@ -39,65 +41,64 @@ def policy_and_tokenizer(sft_model, world_of_one):
     return load_causal_lm(str(sft_model), tokenizer, torch.device("cpu")), tokenizer
 
 
-def online_factory(policy, tokenizer, annotator, num_generations, **overrides):
-    """The factory as dpo_pairwise.py builds it (pairs: ties and failures dropped); one sample: every score kept."""
-    options = dict(
-        num_generations=num_generations,
-        label=label_pair if num_generations == 2 else lambda score: (score,),
-        generation=GenerationArgs(max_new_tokens=16),
+def online_step(policy, tokenizer, annotator, pairwise: bool, size: int = 8, reweighter=None):
+    """One online step as dpo_pairwise.py (pairs: ties and failures dropped) and kto_pointwise.py (one sample: every
+    score kept) take it: the sampler's rounds, the annotator, the script's labels; the step's rows, the sampler."""
+    sampler = OnlineSampler(
+        toy.records("train", "prompt"),
+        tokenizer,
+        GenerationArgs(max_new_tokens=16),
+        annotator,
+        size=size,
         max_prompt_length=32,
-        micro_batch_size=8,
-        gradient_accumulation_steps=1,
         seed=0,
+        group_by_length=True,
+        device=torch.device("cpu"),
+        sample_reward=toy.true_reward,
     )
-    return OnlineBatchFactory(toy.records("train", "prompt"), tokenizer, policy, annotator, **(options | overrides))
+    for prompts in sampler.rounds():
+        samples = sampler.sample(policy, prompts, num_samples=2 if pairwise else 1)
+        raw = [p["raw_prompt"] for p in prompts]
+        if pairwise:
+            preferences = annotator.prefer(raw, *([pair[i]["response"] for pair in samples] for i in (0, 1)))
+            sampler.add(label_pairs(prompts, samples, preferences), failed=preferences.count(None))
+        else:
+            scores = annotator.score(raw, [s[0]["response"] for s in samples])
+            sampler.add([[example(p, s, [c], c is not None)] for p, s, c in zip(prompts, samples, scores)], 0)
+    rows = sampler.step_rows()
+    return (reweighter(rows) if reweighter is not None else rows), sampler
 
 
 @pytest.mark.parametrize("pairwise", [True, False])
-def test_online_factory_labels_samples(policy_and_tokenizer, pairwise):
+def test_online_step_labels_samples(policy_and_tokenizer, pairwise):
     policy, tokenizer = policy_and_tokenizer
-    factory = online_factory(
-        policy,
-        tokenizer,
-        make_annotator("toy", torch.device("cpu")),
-        2 if pairwise else 1,
-        gradient_accumulation_steps=2,
-        sample_reward=toy.true_reward,
-    )
-    batches = factory.next_step()
-    assert len(batches) == 2 and all(
-        len(b["prompt"]) == 8 for b in batches
-    )  # exactly the step's examples, however many tied
+    rows, sampler = online_step(policy, tokenizer, make_annotator("toy", torch.device("cpu")), pairwise, size=16)
+    batches = micro_batches(rows, 8, tokenizer.pad_token_id)
+    assert len(batches) == 2 and all(len(b["prompt"]) == 8 for b in batches)  # exactly the step's examples
+    assert sorted(r["position"] for r in rows) == list(range(16))
     for batch in batches:
         for i, prompt in enumerate(batch["prompt"]):
             for g in ("generation1", "generation2") if pairwise else ("generation1",):
                 ids = batch[f"{g}_token_ids"][i][batch[f"{g}_response_mask"][i]]
                 # the sampled ids are trained on as sampled: they decode to the annotated text (+ EOS if it stopped)
                 assert tokenizer.decode(ids, skip_special_tokens=True) == batch[f"{g}_response_only"][i]
-            weight = batch["generation1_weight"][i].item()
-            if pairwise and weight == 1.0:  # a kept pair: generation1_reward says which one the annotator prefers
-                r1, r2 = (
-                    toy.true_reward(prompt, batch[f"{g}_response_only"][i]) for g in ("generation1", "generation2")
-                )
-                assert (
-                    r1 != r2
-                    and batch["generation1_reward"][i].item()
-                    == float(r1 > r2)
-                    == 1 - batch["generation2_reward"][i].item()
-                )
+            if pairwise and batch["trainable"][i]:  # a kept pair: generation1_reward says which one is preferred
+                r1, r2 = (toy.true_reward(prompt, batch[f"{g}_response_only"][i]) for g in GENERATIONS)
+                assert r1 != r2 and batch["generation1_reward"][i].item() == float(r1 > r2)
+                assert batch["generation2_reward"][i].item() == float(r2 > r1)
                 assert batch["preference"][i].item() == float(r1 > r2)  # the annotator's verdict reaches the batch
+            if pairwise and not batch["trainable"][i]:  # a tie padding the step: weight 0
+                assert batch["generation1_weight"][i] == batch["generation2_weight"][i] == 0
             if not pairwise:
                 assert batch["generation1_reward"][i].item() == pytest.approx(
                     toy.true_reward(prompt, batch["generation1_response_only"][i])
                 )
-    metrics = factory.metrics(factory.stats)
-    assert factory.metrics(factory.stats) == metrics  # reading the stats does not clear them
-    assert metrics["annotator/requests"] == factory.stats["examples"] > 0  # one request per pair or per response
-    assert (
-        0 < metrics["online/kept_fraction"] <= 1
-        and metrics["online/eos_rate"] > 0.9
-        and metrics["online/sample_reward"] > 0.5
-    )
+    metrics = online.metrics(sampler.stats)
+    assert online.metrics(sampler.stats) == metrics  # reading the stats does not clear them
+    assert metrics["annotator/requests"] == sampler.stats["examples"] > 0  # one request per pair or per response
+    assert 0 < metrics["online/kept_fraction"] <= 1 and metrics["online/eos_rate"] > 0.9
+    assert metrics["online/sample_reward"] > 0.5
+    assert (not pairwise) == (metrics["online/kept_fraction"] == 1)  # pairs that tie are dropped
 
 
 class UnsureToyJudge(Annotator):
@@ -108,20 +109,18 @@ class UnsureToyJudge(Annotator):
         return [0.9 if a > b else 0.2 if b > a else 0.5 for a, b in rewards]
 
 
-def test_online_factory_reweights_by_confidence(policy_and_tokenizer):
+def test_online_step_reweights_by_confidence(policy_and_tokenizer):
     """--reweighter confidence: a kept pair's weight is |2p - 1|: 0.8 where generation1 won (p = 0.9), 0.6 where
-    generation2 did (p = 0.2); a step padded with dropped pairs has them at weight 0."""
+    generation2 did (p = 0.2); a step padded with dropped pairs has them at weight 0, not counted."""
     policy, tokenizer = policy_and_tokenizer
     reweighter = make_reweighter("confidence")
-    factory = online_factory(policy, tokenizer, UnsureToyJudge(), 2, reweighter=reweighter)
-    batch = factory.next_step()[0]
-    kept = batch["preference"] != 0.5  # dropped (padding) pairs are ties, here
+    rows, _ = online_step(policy, tokenizer, UnsureToyJudge(), True, reweighter=reweighter)
+    batch = collate(rows, tokenizer.pad_token_id)
+    kept = batch["trainable"]
     expected = torch.where(batch["generation1_reward"] == 1.0, 0.8, 0.6)
     assert kept.any() and torch.allclose(batch["generation1_weight"][kept], expected[kept])
-    assert (
-        torch.equal(batch["generation1_weight"], batch["generation2_weight"])
-        and (batch["generation1_weight"][~kept] == 0).all()
-    )
+    assert torch.equal(batch["generation1_weight"], batch["generation2_weight"])
+    assert (batch["generation1_weight"][~kept] == 0).all()
     assert reweighter.stats["rows"] == int(kept.sum()) and reweighter.stats["factor_sum"] == pytest.approx(
         expected[kept].sum().item()
     )
@@ -256,17 +255,16 @@ def test_sampling_follows_the_distribution():
 
 
 def test_soft_label_fork_is_a_few_lines(sft_model, tmp_path):
-    """cDPO with the annotator's probability as the label: three lines changed in dpo_pairwise.py's loop, nothing in
+    """cDPO with the annotator's probability as the label: two lines changed in dpo_pairwise.py's dpo_loss, nothing in
     common/. With the toy annotator's sure verdicts (p = 1 or 0) the soft label is the hard one, so the fork trains
     exactly as DPO does."""
     source = (REPO / "dpo_pairwise.py").read_text()
-    line = "            losses = dpo_loss(logits, args.beta, args.loss_type, args.label_smoothing)\n"
+    line = "        eps = args.label_smoothing\n"
     soft = (
-        '            preference = batch["preference"]  # the annotator\'s probability that generation1 is better\n'
-        "            label_smoothing = 1 - torch.maximum(preference, 1 - preference)  # doubt in the chosen\n"
-        "            losses = dpo_loss(logits, args.beta, args.loss_type, label_smoothing)\n"
+        '        preference = batch["preference"]  # the annotator\'s probability that generation1 is better\n'
+        "        eps = 1 - torch.maximum(preference, 1 - preference)  # doubt in the chosen\n"
     )
-    at = source.rindex(line)  # the training loop's (the last) use of the loss
+    at = source.index(line)  # the one place the loss is written
     (tmp_path / "dpo_soft.py").write_text(source[:at] + soft + source[at + len(line) :])
     args = [*ONLINE, "--model_name_or_path", str(sft_model)]
     run_script("dpo_pairwise.py", *args, "--output_dir", str(tmp_path / "dpo"))

@@ -20,17 +20,11 @@ T = torch.tensor
 
 
 def dpo(logps1, logps2, ref1, ref2, reward1=1.0, reward2=0.0, beta=0.5, loss_type="sigmoid", label_smoothing=0.0):
-    """One pair through the loop's lines: orient by the rewards, then dpo_loss. (loss, chosen and rejected reward)"""
+    """One pair through dpo_loss (it orients by the rewards). (loss, chosen and rejected reward)"""
     batch = {"generation1_reward": T([reward1]), "generation2_reward": T([reward2])}
-    policy_chosen_logps, policy_rejected_logps = dpo_pairwise.chosen_rejected(T([[logps1, logps2]]), batch)
-    reference_chosen_logps, reference_rejected_logps = dpo_pairwise.chosen_rejected(T([[ref1, ref2]]), batch)
-    logits = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)
-    losses = dpo_pairwise.dpo_loss(logits, beta, loss_type, label_smoothing)
-    chosen_rewards, rejected_rewards = (
-        beta * (policy_chosen_logps - reference_chosen_logps),
-        beta * (policy_rejected_logps - reference_rejected_logps),
-    )
-    return losses.item(), chosen_rewards.item(), rejected_rewards.item()
+    args = dpo_pairwise.Args(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    losses, diagnostics = dpo_pairwise.dpo_loss(T([[logps1, logps2]]), T([[ref1, ref2]]), batch, args)
+    return losses.item(), diagnostics["rewards/chosen"].item(), diagnostics["rewards/rejected"].item()
 
 
 def test_dpo_equals_log2_when_policy_is_reference():
@@ -54,27 +48,40 @@ def test_conservative_dpo():
     """label smoothing 0.1: 0.9 * log(1 + e^-1) + 0.1 * log(1 + e^1) = 0.4132617; a per-pair tensor of smoothing
     (soft labels) gives each pair its own: 0 -> 0.3132617, 0.5 -> (log(1 + e^-1) + log(1 + e^1)) / 2 = 0.8132617."""
     assert dpo(-1.0, -3.0, -2.0, -2.0, label_smoothing=0.1)[0] == pytest.approx(0.4132617)
-    losses = dpo_pairwise.dpo_loss(T([2.0, 2.0]), 0.5, "sigmoid", T([0.0, 0.5]))
+    batch = {"generation1_reward": T([1.0, 1.0]), "generation2_reward": T([0.0, 0.0])}
+    args = dpo_pairwise.Args(beta=0.5, label_smoothing=T([0.0, 0.5]))
+    losses, _ = dpo_pairwise.dpo_loss(T([[2.0, 0.0], [2.0, 0.0]]), torch.zeros(2, 2), batch, args)
     assert losses.tolist() == pytest.approx([0.3132617, 0.8132617])
 
 
 def test_ipo_by_hand():
     """IPO on per-token means: policy -4/2 = -2 and -6/3 = -2, reference -2/2 = -1 and -9/3 = -3;
     logits = (-2 + 2) - (-1 + 3) = -2; beta 0.25: loss = (-2 - 1/(2 * 0.25))^2 = (-4)^2 = 16."""
-    lengths = dpo_pairwise.pair_lengths(
-        {"generation1_response_mask": T([[1, 1, 0]]), "generation2_response_mask": T([[1, 1, 1]])}
-    )
-    assert lengths.tolist() == [[2, 3]]
-    policy, reference = T([[-4.0, -6.0]]) / lengths, T([[-2.0, -9.0]]) / lengths
-    assert dpo(*policy[0].tolist(), *reference[0].tolist(), loss_type="ipo", beta=0.25)[0] == pytest.approx(16.0)
+    batch = {
+        "generation1_reward": T([1.0]),
+        "generation2_reward": T([0.0]),
+        "generation1_response_attention_mask": T([[1, 1, 0]]),
+        "generation2_response_attention_mask": T([[1, 1, 1]]),
+    }
+    args = dpo_pairwise.Args(beta=0.25, loss_type="ipo")
+    losses, _ = dpo_pairwise.dpo_loss(T([[-4.0, -6.0]]), T([[-2.0, -9.0]]), batch, args)
+    assert losses.item() == pytest.approx(16.0)
     # at its optimum, logits = 1/(2 beta) = 0.5, the loss is 0
-    assert dpo(0.25, -0.25, 0.0, 0.0, loss_type="ipo", beta=1.0)[0] == pytest.approx(0.0)
+    batch |= {"generation1_response_attention_mask": T([[1]]), "generation2_response_attention_mask": T([[1]])}
+    args = dpo_pairwise.Args(beta=1.0, loss_type="ipo")
+    assert dpo_pairwise.dpo_loss(T([[0.25, -0.25]]), torch.zeros(1, 2), batch, args)[0].item() == pytest.approx(0.0)
 
 
 def test_online_label_rule():
-    """label_pair: a clear or graded verdict orients the pair; a tie or a failure drops it (departure 3)."""
-    assert dpo_pairwise.label_pair(1.0) == (1.0, 0.0) and dpo_pairwise.label_pair(0.2) == (0.0, 1.0)
-    assert dpo_pairwise.label_pair(0.5) is None and dpo_pairwise.label_pair(None) is None
+    """label_pairs: a clear or graded verdict orients the pair; a tie or a failure makes it untrainable (departure
+    3), at weight 0."""
+    prompt, pair = {"prompt": "p", "prompt_ids": [5]}, [{"response": "a", "response_ids": [6]}] * 2
+    groups = dpo_pairwise.label_pairs([prompt] * 4, [pair] * 4, [1.0, 0.2, 0.5, None])
+    rows = [group[0] for group in groups]
+    assert [(r["generation1_reward"], r["generation2_reward"]) for r in rows[:2]] == [(1.0, 0.0), (0.0, 1.0)]
+    assert [r["trainable"] for r in rows] == [True, True, False, False]
+    assert [r["generation1_weight"] for r in rows] == [1.0, 1.0, 0.0, 0.0]
+    assert [r["preference"] for r in rows] == [1.0, 0.2, 0.5, None]
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -133,7 +140,7 @@ FAST = [
 
 @pytest.mark.parametrize(
     "script, extra",
-    [("dpo_pairwise.py", ["--num_eval_prompts", "16"]), ("reward_model.py", ["--learning_rate", "1e-4"])],
+    [("dpo_pairwise.py", ["--eval.num_prompts", "16"]), ("reward_model.py", ["--learning_rate", "1e-4"])],
 )
 def test_accumulation_and_two_processes_match_one_full_batch(tmp_path, script, extra):
     """A global batch of 16 pairs as 16 x 1 accumulation, 8 x 2 accumulation, and 2 processes x 8: the losses are

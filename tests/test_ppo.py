@@ -8,12 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.distributed import whiten
 from conftest import REPO, assert_resume_is_exact, read_metrics, run_script
 
 sys.path.insert(0, str(REPO))
 import rl_ppo  # noqa: E402
 
-FAST = ["--max_steps", "2", "--log_every", "1", "--eval_every", "1000", "--num_eval_prompts", "32"]
+FAST = ["--max_steps", "2", "--log_every", "1", "--eval_every", "1000", "--eval.num_prompts", "32"]
 
 
 def test_gae_by_hand():
@@ -54,7 +55,7 @@ def test_whiten_over_the_mask(world_of_one):
     """Values 1, 2, 3, 6 where the mask is on (mean 3, unbiased variance 14/3); zeros elsewhere, ignored."""
     x = torch.tensor([[1.0, 2.0, 9.0], [3.0, 6.0, -9.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
-    whitened = rl_ppo.whiten(x, mask)
+    whitened = whiten(x, mask)
     expected = (torch.tensor([[1.0, 2.0, 3.0], [3.0, 6.0, 3.0]]) - 3) / math.sqrt(14 / 3 + 1e-8) * mask
     torch.testing.assert_close(whitened, expected)
 
@@ -175,7 +176,7 @@ def test_a_function_of_the_update_log_probs_weighs_the_responses(sft_model, tmp_
 def test_resume_after_sigkill_is_exact(sft_model, tmp_path):
     args = ["--model_name_or_path", str(sft_model), "--max_steps", "4", "--save_every", "2", "--log_every", "1"]
     assert_resume_is_exact(
-        tmp_path, "rl_ppo.py", *args, "--eval_every", "1000", "--num_eval_prompts", "32", checkpoint=2
+        tmp_path, "rl_ppo.py", *args, "--eval_every", "1000", "--eval.num_prompts", "32", checkpoint=2
     )
 
 
@@ -185,8 +186,8 @@ def test_resume_after_sigkill_is_exact(sft_model, tmp_path):
         (["--estimator", "grpo", "--num_samples", "1"], "--num_samples 1: must be at least 2"),
         (["--estimator", "rloo", "--per_device_batch_size", "6"], "must be a multiple of --num_samples (4)"),
         (["--estimator", "grpo", "--critic", "runs/rm"], "has no critic"),
-        (["--reweighter", "confidence"], "PPO's samples are scored singly"),
-        (["--reweighter", "policy"], "PPO's samples are the policy's own"),
+        (["--reweighter", "confidence"], "rl_ppo.py takes none, python:MODULE:FUNCTION (its samples are"),
+        (["--reweighter", "policy"], "rl_ppo.py takes none, python:MODULE:FUNCTION (its samples are"),
         (["--reweighter", "importance:runs/sft"], "importance weights are for offline data"),
     ],
 )

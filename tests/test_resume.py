@@ -11,7 +11,7 @@ QUICK = ["--log_every", "2", "--eval_every", "4", "--warmup_steps", "2", "--save
     "script, extra",
     [
         ("reward_model.py", ["--max_steps", "12", "--num_eval_examples", "32"]),
-        ("dpo_pairwise.py", ["--max_steps", "12", "--num_eval_examples", "32", "--num_eval_prompts", "32"]),
+        ("dpo_pairwise.py", ["--max_steps", "12", "--num_eval_examples", "32", "--eval.num_prompts", "32"]),
     ],
 )
 def test_offline_resume_is_exact(tmp_path, script, extra):
@@ -24,7 +24,7 @@ def test_online_resume_is_exact(sft_model, tmp_path):
     assert_resume_is_exact(
         tmp_path,
         "dpo_pairwise.py",
-        "--num_eval_prompts",
+        "--eval.num_prompts",
         "32",
         "--online",
         "--model_name_or_path",
@@ -51,7 +51,7 @@ def test_a_run_owns_its_output_dir(tmp_path):
         "1",
         "--eval_every",
         "100",
-        "--num_eval_prompts",
+        "--eval.num_prompts",
         "16",
         "--output_dir",
         str(tmp_path),

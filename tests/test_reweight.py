@@ -166,7 +166,7 @@ def test_scripts_train_on_the_reweighted_examples(tmp_path, script):
         "1",
         "--eval_every",
         "1000",
-        *([] if script == "reward_model.py" else ["--num_eval_prompts", "16"]),
+        *([] if script == "reward_model.py" else ["--eval.num_prompts", "16"]),
         "--output_dir",
         str(tmp_path / "run"),
         env={"PYTHONPATH": str(tmp_path)},
@@ -251,14 +251,12 @@ def test_importance_factors_by_hand(world_of_one):
     assert reweighter.self_normalised and reweighter.behaviour_path == "runs/behaviour"
     reweighter([pair_row()])
     seen = seen_pairs()
-    batch = {
-        "generation1_behaviour_logps": torch.tensor([-2.0, -0.8]),
-        "generation2_behaviour_logps": torch.tensor([-2.5, 3.0]),
-    }
-    factors = reweighter.reweigh(batch, seen, torch.ones(2))
+    # rho's log-probs of the dataset rows' two responses (what `prepare` computes), read by a batch's `index`
+    reweighter.behaviour_logps = torch.tensor([[-6.0, -6.0], [-2.0, -2.5], [-0.8, 3.0]])
+    factors = reweighter.reweigh({"index": torch.tensor([1, 2])}, seen, torch.ones(2))
     torch.testing.assert_close(factors, torch.tensor([math.e, math.exp(-3)]))
     second = {key: value[:2] for key, value in seen.items()}  # a second micro-batch: one pair, log pi = -3.5
-    clipped = reweighter.reweigh({key: torch.tensor([-6.0]) for key in batch}, second, torch.ones(1))
+    clipped = reweighter.reweigh({"index": torch.tensor([0])}, second, torch.ones(1))
     torch.testing.assert_close(clipped, torch.tensor([5.0]))  # e^(-3.5 + 12) = e^8.5 > 5
     metrics = reweighter.metrics(reweighter.stats)
     assert metrics["reweight/clipped_fraction"] == pytest.approx(1 / 3)
@@ -275,7 +273,7 @@ def test_importance_needs_the_policy_tokenizer(tmp_path, bpe_tokenizer):
     bpe_tokenizer.save_pretrained(tmp_path / "other")
     reweighter = make_reweighter(f"importance:{tmp_path / 'other'}")
     with pytest.raises(SystemExit, match="its tokenizer differs from the policy's") as e:
-        reweighter.prepare([pair_row()], load_tokenizer("toy"), torch.device("cpu"), torch.float32, 4)
+        reweighter.prepare([pair_row()], [0], load_tokenizer("toy"), torch.device("cpu"), torch.float32, 4)
     assert "\n" not in str(e.value)
 
 
@@ -314,7 +312,7 @@ def test_importance_weights_in_the_scripts(sft_model, tmp_path):
     gives the same weights, self-normalisation over the whole step included. Online, a one-line error."""
     common = ["--model_name_or_path", str(sft_model), "--reweighter", f"importance:{sft_model}", "--max_steps", "3"]
     common += ["--log_every", "1", "--eval_every", "1000", "--num_eval_examples", "16", "--learning_rate", "1e-4"]
-    common += ["--num_eval_prompts", "16"]
+    common += ["--eval.num_prompts", "16"]
     run_script("dpo_pairwise.py", *common, "--per_device_batch_size", "16", "--output_dir", str(tmp_path / "full"))
     run_script(
         "dpo_pairwise.py",
@@ -349,7 +347,7 @@ def test_policy_reweighting_in_the_scripts(sft_model, tmp_path, script):
             "1000",
             "--num_eval_examples",
             "16",
-            "--num_eval_prompts",
+            "--eval.num_prompts",
             "16",
             "--output_dir",
             str(tmp_path),

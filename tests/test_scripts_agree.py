@@ -2,9 +2,12 @@
 with the same name has the same type, default and help in every script, unless it is listed here with its reason."""
 
 import ast
+import dataclasses
+import importlib
 
 import pytest
 
+from common.reweight import REWEIGHTERS
 from conftest import REPO
 
 SCRIPTS = ["sft.py", "reward_model.py", "dpo_pairwise.py", "kto_pointwise.py", "rl_ppo.py"]
@@ -22,9 +25,13 @@ PER_SCRIPT = {
     "precompute_ref_logps": "what is precomputed differs (pairs; examples and their mismatched pairs)",
     "online": "pairs or single responses",
     "max_steps": "rl_ppo.py counts rollouts, each several optimizer steps",
+    "reweighter": "each script's help lists the kinds it takes (common.reweight.check_reweighter refuses the others)",
 }
 WITHOUT = {  # shared flags a script does not have, with the reason
-    "rl_ppo.py": {"num_eval_examples": "trains on prompts and has no held-out loss"}
+    "rl_ppo.py": {
+        "num_eval_examples": "trains on prompts and has no held-out loss",
+        "max_length": "trains on its samples, whose length is --generation.max_new_tokens",
+    }
 }
 
 
@@ -83,6 +90,7 @@ def test_the_shared_groups_are_in_every_script():
         "group_by_length",
         "reweighter",
         "gradient_checkpointing",
+        "dtype",
         "max_steps",
         "learning_rate",
         "per_device_batch_size",
@@ -96,3 +104,24 @@ def test_the_shared_groups_are_in_every_script():
     for script in SCRIPTS:
         missing = shared - set(args_fields(script)) - set(WITHOUT.get(script, {}))
         assert not missing, f"{script} lacks {sorted(missing)}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_reweighter_help_lists_what_the_script_takes(script):
+    """A kind is in a script's --reweighter help (as "FORM (") exactly when its check_args does not refuse it (online
+    for confidence, which weighs online pairs)."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    help_text = args_fields(script)["reweighter"][2]
+    for kind, form in REWEIGHTERS.items():
+        spec = form.replace("PATH", "runs/x").replace("MODULE:FUNCTION", "weights:f")
+        args = dataclasses.replace(module.Args(), reweighter=spec)
+        if hasattr(args, "online"):
+            args.online = kind == "confidence"
+        if script == "rl_ppo.py":
+            args.num_samples = 1  # its main's default, resolved before check_args
+        try:
+            module.check_args(args)
+            refused = False
+        except SystemExit as e:
+            refused = "--reweighter" in str(e)
+        assert (f"{form} (" in help_text) != refused, f"{script} --reweighter {kind}: help and check_args disagree"

@@ -25,7 +25,7 @@ FAST = [
     "2",
     "--eval_every",
     "1000",
-    "--num_eval_prompts",
+    "--eval.num_prompts",
     "32",
 ]
 
@@ -113,7 +113,7 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path):
         "5",
         "--eval_every",
         "40",
-        "--num_eval_prompts",
+        "--eval.num_prompts",
         "32",
         "--per_device_batch_size",
         "32",
@@ -218,9 +218,9 @@ def test_the_progress_bar_shows_the_latest_metrics(tmp_path, world_of_one):
     """The bar over the steps shows the last logged loss and tokens/s, and eval/reward once an evaluation logged it."""
     sys.path.insert(0, str(REPO))
     import sft
-    from common.distributed import Tracker
+    from common.tracking import Tracker
 
-    tracker = Tracker(sft.Args(output_dir=str(tmp_path)))
+    tracker = Tracker(sft.Args(output_dir=str(tmp_path)), run_id="test", derived={})
     bar = tracker.progress(range(2, 5), 5)
     assert list(bar) == [2, 3, 4] and bar.total == 5
     tracker.log(3, {"train/loss": 0.51234, "train/tokens_per_s": 12345.6, "train/lr": 1e-4})
