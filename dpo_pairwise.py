@@ -57,12 +57,13 @@ from common.distributed import (
     print0,
     sum_over_processes,
     sync_gradients,
+    trainable_parameters,
 )
 from common.evaluation import EvalArgs, held_out_eval
 from common.flags import check_dataset_args, check_eval_args, check_online_args, check_shared_args, fail, require
 from common.generation import GenerationArgs
 from common.logps import precompute_logps, shared_prompt_logps
-from common.model import load_causal_lm, load_tokenizer
+from common.model import LoraArgs, adapters_off, add_lora, load_causal_lm, load_tokenizer
 from common.reweight import check_reweighter, make_reweighter, self_normalise
 from common.tracking import Means, Tracker
 
@@ -119,6 +120,7 @@ class Args:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """what forwards compute in: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32; weights and optimizer states stay
     fp32 (bf16 is mixed precision)"""
+    lora: LoraArgs = field(default_factory=LoraArgs)
 
     # optimization
     max_steps: int = 150
@@ -269,7 +271,7 @@ def main(args: Args):
     records = load_records(args.dataset, args.dataset_split, "prompt" if args.online else "pairwise")
     annotator = make_annotator(args.annotator, device, args.judge, dtype) if args.online else None
     policy = load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing)
-    policy = prepare_model(policy, device, dtype)
+    policy = prepare_model(add_lora(policy, args.lora, args.model_name_or_path), device, dtype)
     eval_rows = []
     if args.online:  # the pairs are sampled and annotated every step
         size = args.per_device_batch_size * args.gradient_accumulation_steps
@@ -281,29 +283,33 @@ def main(args: Args):
             used = factory.indices_until(args.max_steps)
             reweighter.prepare(factory.rows, used, tokenizer, device, dtype, args.per_device_batch_size)
 
-    # The reference is the initial policy, loaded again (so --resume gets it too) and frozen: a model that scores each
-    # batch (online, and offline with --no-precompute_ref_logps), or offline a table of its log-probs of every pair the
-    # run scores, computed once before training by the model, which is then dropped (departure 1); neither with
-    # --reference_free. The table: {"train": (dataset rows, 2), "eval": (held-out rows, 2)}, read by a batch's `index`.
+    # The reference is the initial policy: with LoRA the policy with its adapters off (common.model.adapters_off), else
+    # loaded again (so --resume gets it too) and frozen. A model that scores each batch (online, and offline with
+    # --no-precompute_ref_logps), or offline a table of its log-probs of every pair the run scores, computed once
+    # before training (departure 1); neither with --reference_free. The table: {"train": (dataset rows, 2), "eval":
+    # (held-out rows, 2)}, read by a batch's `index`.
     reference_model, reference_table = None, None
-    if not args.reference_free:
+    if not args.reference_free and args.lora.r:
+        reference_model = policy
+    elif not args.reference_free:
         reference_model = load_causal_lm(args.model_name_or_path, tokenizer, device)
         reference_model = prepare_model(reference_model, device, dtype, trainable=False).eval()
     if not args.reference_free and args.precompute_ref_logps and not args.online:
         start, used = time.perf_counter(), factory.indices_until(args.max_steps)
         rows = [factory.rows[i] for i in used] + eval_rows
-        logps = precompute_logps(reference_model, rows, tokenizer.pad_token_id, args.per_device_batch_size)
+        with adapters_off(reference_model):
+            logps = precompute_logps(reference_model, rows, tokenizer.pad_token_id, args.per_device_batch_size)
         reference_table = {"train": torch.full((len(factory.rows), 2), math.nan), "eval": logps[len(used) :]}
         reference_table["train"][used] = logps[: len(used)]
         print0(f"reference log-probs of {len(rows)} pairs in {time.perf_counter() - start:.1f} s (no eval/kl)")
-        reference_model = None  # training holds one model
+        reference_model = None  # training holds one model (with LoRA: the policy only, as ever)
 
     def reference_pair_logps(batch, split="train"):
         """log ref(y|x) of both generations of every pair of the batch, (B, 2)."""
         if reference_table is not None:
             return reference_table[split][batch["index"].cpu()].to(device)
         if reference_model is not None:
-            with torch.no_grad():
+            with torch.no_grad(), adapters_off(reference_model):
                 return pair_logps(reference_model, batch)[0]
         return torch.zeros(len(batch["prompt"]), 2, device=device)  # --reference_free: ref_logratios = 0
 
@@ -327,7 +333,9 @@ def main(args: Args):
             metrics |= held_out(step, policy, reference_model, tracker)
         return metrics
 
-    optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(
+        trainable_parameters(policy), args.learning_rate, weight_decay=args.weight_decay, fused=True
+    )
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     start_step = 0
     if args.resume:
@@ -417,7 +425,7 @@ def main(args: Args):
         if args.save_every and (step + 1) % args.save_every == 0:
             save_checkpoint(args.output_dir, step + 1, policy, optimizer, scheduler, data.state_dict(), run_id)
 
-    save_pretrained(policy, tokenizer, args.output_dir)
+    save_pretrained(policy, tokenizer, args.output_dir, args.lora.merge)
     print0(f"saved to {args.output_dir}")
     tracker.finish()
     cleanup()

@@ -63,12 +63,13 @@ from common.distributed import (
     print0,
     sum_over_processes,
     sync_gradients,
+    trainable_parameters,
 )
 from common.evaluation import EvalArgs, held_out_eval
 from common.flags import check_dataset_args, check_eval_args, check_online_args, check_shared_args, fail, require
 from common.generation import GenerationArgs
 from common.logps import precompute_logps, shared_prompt_logps
-from common.model import load_causal_lm, load_tokenizer
+from common.model import LoraArgs, adapters_off, add_lora, load_causal_lm, load_tokenizer
 from common.reweight import check_reweighter, make_reweighter, self_normalise
 from common.tracking import Means, Tracker
 
@@ -124,6 +125,7 @@ class Args:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """what forwards compute in: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32; weights and optimizer states stay
     fp32 (bf16 is mixed precision)"""
+    lora: LoraArgs = field(default_factory=LoraArgs)
 
     # optimization
     max_steps: int = 150
@@ -287,7 +289,7 @@ def main(args: Args):
     records = load_records(args.dataset, args.dataset_split, "prompt" if args.online else "pointwise")
     annotator = make_annotator(args.annotator, device, args.judge, dtype) if args.online else None
     policy = load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing)
-    policy = prepare_model(policy, device, dtype)
+    policy = prepare_model(add_lora(policy, args.lora, args.model_name_or_path), device, dtype)
     eval_rows = []
     if args.online:  # responses are sampled and scored every step; label_threshold labels them
         size = args.per_device_batch_size * args.gradient_accumulation_steps
@@ -311,13 +313,15 @@ def main(args: Args):
             used = factory.indices_until(args.max_steps)
             reweighter.prepare(factory.rows, used, tokenizer, device, dtype, args.per_device_batch_size)
 
-    # The reference is the initial policy, loaded again (so --resume gets it too) and frozen: a model that scores each
-    # step's examples and mismatched pairs (online, and offline with --no-precompute_ref_logps), or offline a table of
-    # its log-probs, computed once before training by the model, which is then dropped (departure 1): "train" and
-    # "eval" by a batch's `index` (its dataset row), "kl" by its `position` (the mismatched pair of every position of
-    # the run's steps, by the rule the loop uses: mismatched_partners).
-    reference_model = load_causal_lm(args.model_name_or_path, tokenizer, device)
-    reference_model, reference_table = prepare_model(reference_model, device, dtype, trainable=False).eval(), None
+    # The reference is the initial policy: with LoRA the policy with its adapters off (common.model.adapters_off), else
+    # loaded again (so --resume gets it too) and frozen. A model that scores each step's examples and mismatched pairs
+    # (online, and offline with --no-precompute_ref_logps), or offline a table of its log-probs, computed once before
+    # training (departure 1): "train" and "eval" by a batch's `index` (its dataset row), "kl" by its `position` (the
+    # mismatched pair of every position of the run's steps, by the rule the loop uses: mismatched_partners).
+    reference_model, reference_table = policy, None
+    if not args.lora.r:
+        reference_model = load_causal_lm(args.model_name_or_path, tokenizer, device)
+        reference_model = prepare_model(reference_model, device, dtype, trainable=False).eval()
     if args.precompute_ref_logps and not args.online:
         start, used, G = time.perf_counter(), factory.indices_until(args.max_steps), global_batch_size
         mismatched = []
@@ -328,7 +332,8 @@ def main(args: Args):
                 response = step_rows[partners[row["position"]] - step * G]["generation1_response_ids"]
                 mismatched.append(row | {"generation1_response_ids": response})
         rows = [factory.rows[i] for i in used] + eval_rows + mismatched
-        logps = precompute_logps(reference_model, rows, tokenizer.pad_token_id, args.per_device_batch_size)[:, 0]
+        with adapters_off(reference_model):
+            logps = precompute_logps(reference_model, rows, tokenizer.pad_token_id, args.per_device_batch_size)[:, 0]
         reference_table = {"train": torch.full((len(factory.rows),), math.nan), "kl": logps[-len(mismatched) :]}
         reference_table["train"][used], reference_table["eval"] = (
             logps[: len(used)],
@@ -338,14 +343,14 @@ def main(args: Args):
             f"reference log-probs of {len(rows)} examples and mismatched pairs in {time.perf_counter() - start:.1f} s "
             "(no eval/kl)"
         )
-        reference_model = None  # training holds one model
+        reference_model = None  # training holds one model (with LoRA: the policy only, as ever)
 
     def reference_logps(batch, split="train", response_ids=None, response_mask=None):
         """log ref(y|x) of each example of the batch (B,); with response_ids, of the mismatched pairs' responses."""
         if reference_table is not None:
             where = batch["position"] if response_ids is not None else batch["index"]
             return reference_table["kl" if response_ids is not None else split][where.cpu()].to(device)
-        with torch.no_grad():
+        with torch.no_grad(), adapters_off(reference_model):
             return sequence_logps(reference_model, batch, response_ids, response_mask)
 
     eval_batches = shard_batches(eval_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
@@ -370,7 +375,9 @@ def main(args: Args):
             metrics |= held_out(step, policy, reference_model, tracker)
         return metrics
 
-    optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(
+        trainable_parameters(policy), args.learning_rate, weight_decay=args.weight_decay, fused=True
+    )
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     start_step = 0
     if args.resume:
@@ -491,7 +498,7 @@ def main(args: Args):
         if args.save_every and (step + 1) % args.save_every == 0:
             save_checkpoint(args.output_dir, step + 1, policy, optimizer, scheduler, data.state_dict(), run_id)
 
-    save_pretrained(policy, tokenizer, args.output_dir)
+    save_pretrained(policy, tokenizer, args.output_dir, args.lora.merge)
     print0(f"saved to {args.output_dir}")
     tracker.finish()
     cleanup()

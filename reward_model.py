@@ -24,7 +24,7 @@ Departures from the paper:
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -46,9 +46,10 @@ from common.distributed import (
     print0,
     sum_over_processes,
     sync_gradients,
+    trainable_parameters,
 )
 from common.flags import check_dataset_args, check_shared_args, fail, require
-from common.model import load_reward_model, load_tokenizer
+from common.model import LoraArgs, add_lora, load_reward_model, load_tokenizer
 from common.reweight import check_reweighter, make_reweighter
 from common.tracking import Means, Tracker
 
@@ -103,6 +104,7 @@ class Args:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """what forwards compute in: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32; weights and optimizer states stay
     fp32 (bf16 is mixed precision)"""
+    lora: LoraArgs = field(default_factory=LoraArgs)
 
     # optimization
     max_steps: int = 200
@@ -202,6 +204,7 @@ def main(args: Args):
         from_causal_lm=True,
         gradient_checkpointing=args.gradient_checkpointing,
     )
+    model = add_lora(model, args.lora, args.model_name_or_path, modules_to_save=["score"])  # the head trains in full
     model = prepare_model(model, device, dtype)
 
     @torch.no_grad()
@@ -215,7 +218,9 @@ def main(args: Args):
                 means.add(f"eval/{name}", diagnostics[name])
         return means.result()
 
-    optimizer = torch.optim.AdamW(model.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(
+        trainable_parameters(model), args.learning_rate, weight_decay=args.weight_decay, fused=True
+    )
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     start_step = 0
     if args.resume:
@@ -282,7 +287,7 @@ def main(args: Args):
         center_batches = shard_batches(center_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
         model.config.reward_mean = evaluate(center_batches)["eval/rewards/mean"]
         print0(f"centred: reward_mean {model.config.reward_mean:.4f} recorded in the config")
-    save_pretrained(model, tokenizer, args.output_dir)
+    save_pretrained(model, tokenizer, args.output_dir, args.lora.merge)
     print0(f"saved to {args.output_dir}")
     tracker.finish()
     cleanup()

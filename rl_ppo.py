@@ -75,13 +75,14 @@ from common.distributed import (
     print0,
     sum_over_processes,
     sync_gradients,
+    trainable_parameters,
     whiten,
 )
 from common.evaluation import EvalArgs, held_out_eval
 from common.flags import check_eval_args, check_online_args, check_shared_args, fail, require
 from common.generation import GenerationArgs
 from common.logps import shared_prompt_logps, token_values
-from common.model import load_causal_lm, load_tokenizer, load_value_model
+from common.model import LoraArgs, adapters_off, add_lora, load_causal_lm, load_tokenizer, load_value_model
 from common.reweight import check_reweighter, make_reweighter
 from common.tracking import Means, Tracker
 
@@ -134,6 +135,7 @@ class Args:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """what forwards compute in: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32; weights and optimizer states stay
     fp32 (bf16 is mixed precision)"""
+    lora: LoraArgs = field(default_factory=LoraArgs)
 
     # optimization
     max_steps: int = 100
@@ -331,14 +333,16 @@ def main(args: Args):
     records = load_records(args.dataset, args.dataset_split, "prompt")  # data first: bad data fails before a model
     annotator = make_annotator(args.annotator, device, args.judge, dtype)
     policy = load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing)
-    policy = prepare_model(policy, device, dtype)
-    reference = load_causal_lm(args.model_name_or_path, tokenizer, device)
-    reference = prepare_model(reference, device, dtype, trainable=False).eval()
+    policy = prepare_model(add_lora(policy, args.lora, args.model_name_or_path), device, dtype)
+    reference = policy  # with LoRA the policy with its adapters off (common.model.adapters_off), else frozen anew
+    if not args.lora.r:
+        reference = load_causal_lm(args.model_name_or_path, tokenizer, device)
+        reference = prepare_model(reference, device, dtype, trainable=False).eval()
     critic, path = None, critic_path(args, tokenizer)
     if path is not None:
         print0(f"critic from {path}")
         critic = load_value_model(path, tokenizer, device, args.gradient_checkpointing)
-        critic = prepare_model(critic, device, dtype)
+        critic = prepare_model(add_lora(critic, args.lora, path, modules_to_save=["score"]), device, dtype)
     # one rollout per step: every response of this process, the groups of k adjacent
     sampler = online.OnlineSampler.from_args(args, records, tokenizer, annotator, device, rollout_size, k)
     held_out = held_out_eval(args, tokenizer, device, dtype, annotator, args.annotator)
@@ -348,7 +352,9 @@ def main(args: Args):
         return held_out(step, policy, reference, tracker) if held_out is not None else {}
 
     trained = torch.nn.ModuleDict({"policy": policy} | ({"critic": critic} if critic is not None else {}))
-    optimizer = torch.optim.AdamW(trained.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(
+        trainable_parameters(trained), args.learning_rate, weight_decay=args.weight_decay, fused=True
+    )
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     start_step = 0
     if args.resume:
@@ -410,7 +416,8 @@ def main(args: Args):
                     forwards["entropy"].append(stats["entropy"])
                     seconds["policy"] += time.perf_counter() - tick
                 tick = time.perf_counter()
-                forwards["ref_logprobs"].append(shared_prompt_logps(reference, *inputs, temperature))
+                with adapters_off(reference):
+                    forwards["ref_logprobs"].append(shared_prompt_logps(reference, *inputs, temperature))
                 seconds["reference"] += time.perf_counter() - tick
                 tick = time.perf_counter()
                 if critic is not None:
@@ -541,9 +548,9 @@ def main(args: Args):
         if args.save_every and (step + 1) % args.save_every == 0:
             save_checkpoint(args.output_dir, step + 1, trained, optimizer, scheduler, sampler.state_dict(), run_id)
 
-    save_pretrained(policy, tokenizer, args.output_dir)
+    save_pretrained(policy, tokenizer, args.output_dir, args.lora.merge)
     if critic is not None:
-        save_pretrained(critic, tokenizer, f"{args.output_dir}/critic")
+        save_pretrained(critic, tokenizer, f"{args.output_dir}/critic", args.lora.merge)
     print0(f"saved to {args.output_dir}")
     tracker.finish()
     cleanup()

@@ -38,12 +38,13 @@ from common.distributed import (
     print0,
     sum_over_processes,
     sync_gradients,
+    trainable_parameters,
 )
 from common.evaluation import EvalArgs, held_out_eval
 from common.flags import check_dataset_args, check_eval_args, check_shared_args
 from common.generation import GenerationArgs
 from common.logps import response_logps
-from common.model import load_causal_lm, load_tokenizer
+from common.model import LoraArgs, add_lora, load_causal_lm, load_tokenizer
 from common.reweight import check_reweighter, make_reweighter, self_normalise
 from common.tracking import Means, Tracker
 
@@ -99,6 +100,7 @@ class Args:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """what forwards compute in: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32; weights and optimizer states stay
     fp32 (bf16 is mixed precision)"""
+    lora: LoraArgs = field(default_factory=LoraArgs)
 
     # optimization
     max_steps: int = 600
@@ -157,7 +159,7 @@ def main(args: Args):
         reweighter.prepare(factory.rows, used, tokenizer, device, dtype, args.per_device_batch_size)
     eval_batches = shard_batches(eval_rows, tokenizer.pad_token_id, args.per_device_batch_size, device)
     model = load_causal_lm(args.model_name_or_path, tokenizer, device, args.gradient_checkpointing)
-    model = prepare_model(model, device, dtype)
+    model = prepare_model(add_lora(model, args.lora, args.model_name_or_path), device, dtype)
     print0(f"model: {args.model_name_or_path}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     held_out = held_out_eval(args, tokenizer, device, dtype)
 
@@ -175,7 +177,9 @@ def main(args: Args):
             metrics |= held_out(step, model, None, tracker)
         return metrics
 
-    optimizer = torch.optim.AdamW(model.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(
+        trainable_parameters(model), args.learning_rate, weight_decay=args.weight_decay, fused=True
+    )
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     start_step = 0
     if args.resume:
@@ -241,7 +245,7 @@ def main(args: Args):
         if args.save_every and (step + 1) % args.save_every == 0:
             save_checkpoint(args.output_dir, step + 1, model, optimizer, scheduler, factory.state_dict(), run_id)
 
-    save_pretrained(model, tokenizer, args.output_dir)
+    save_pretrained(model, tokenizer, args.output_dir, args.lora.merge)
     print0(f"saved to {args.output_dir}")
     tracker.finish()
     cleanup()

@@ -178,7 +178,9 @@ def our_command(pair: str, work: Path, small: bool) -> list[str]:
     command = [sys.executable, script, "--model_name_or_path", str(model_dir(work, small)), "--dataset"]
     command += [str(work / data), "--output_dir", str(work / "runs" / f"{pair}-ours"), "--max_steps", str(steps)]
     command += ["--per_device_batch_size", str(batch_size), "--learning_rate", str(LEARNING_RATE)]
-    command += ["--warmup_steps", str(WARMUP_STEPS), "--seed", "1", "--max_length", str(workload.MAX_LENGTH)]
+    command += ["--warmup_steps", str(WARMUP_STEPS), "--seed", "1"]
+    if pair != "grpo":  # rl_ppo.py has no --max_length: its samples' length is --generation.max_new_tokens
+        command += ["--max_length", str(workload.MAX_LENGTH)]
     command += ["--max_prompt_length", str(workload.MAX_PROMPT_LENGTH), "--dtype", "bf16", "--log_every", "1"]
     command += ["--eval_every", "1000000"]
     if pair != "reward_model":  # reward_model.py samples nothing

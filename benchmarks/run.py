@@ -84,9 +84,9 @@ def commands(
         str(learning_rate),
         "--warmup_steps",
         "20",
-        "--max_length",
-        str(workload.MAX_LENGTH),
     ]
+    if pair not in RL:  # rl_ppo.py has none: its samples' length is --generation.max_new_tokens
+        shared += ["--max_length", str(workload.MAX_LENGTH)]
     if pair in ("dpo", "online_dpo", "kto", "online_kto"):
         shared += ["--beta", "0.1"]
     if pair in ("online_dpo", "online_kto", *RL):

@@ -2,6 +2,7 @@
 model. Checkpoints assume every rank sees the same --output_dir (one node, or a shared filesystem)."""
 
 import errno
+import os
 import random
 import shutil
 import uuid
@@ -21,6 +22,8 @@ from torch.distributed.checkpoint.state_dict import (
 from common.distributed import all_reduce, gather_objects, is_main, print0
 from common.flags import fail
 
+TRAINED = StateDictOptions(ignore_frozen_params=True)  # a checkpoint holds what trains (a LoRA model: its adapters)
+
 
 def check_finite_weights(model: torch.nn.Module, what: str):
     """Stop with one line, on every process, rather than save non-finite weights."""
@@ -33,15 +36,39 @@ def check_finite_weights(model: torch.nn.Module, what: str):
         fail(f"not saving {what}: non-finite weights ({', '.join(bad[:3]) or 'on another process'})")
 
 
-def save_pretrained(model, tokenizer, output_dir: str):
+def save_pretrained(model, tokenizer, output_dir: str, merge: bool = True):
     """Gather the full state dict (a collective: every rank calls this) and save it on rank 0 as
-    safetensors + config + tokenizer, loadable with `from_pretrained`. Never non-finite weights."""
+    safetensors + config + tokenizer, loadable with `from_pretrained`. Never non-finite weights.
+    A LoRA model: its adapters in peft's format to output_dir/adapter (with the tokenizer: common.model's loaders read
+    the folder as its base with the adapters merged, PeftModel.from_pretrained attaches them to the base), and, with
+    merge, the model with the adapters merged into its weights to output_dir."""
     check_finite_weights(model, f"the model to '{output_dir}'")
     state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if is_main():
+    if is_main() and hasattr(model, "peft_config"):
+        # the embeddings do not train with adapters (save_embedding_layers="auto" would look the base up on the hub)
+        model.save_pretrained(os.path.join(output_dir, "adapter"), state_dict=state_dict, save_embedding_layers=False)
+        tokenizer.save_pretrained(os.path.join(output_dir, "adapter"))
+        if merge:
+            merged_copy(model, state_dict).save_pretrained(output_dir)
+            tokenizer.save_pretrained(output_dir)
+    elif is_main():
         model.save_pretrained(output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(output_dir)
     dist.barrier()
+
+
+def merged_copy(model, state_dict: dict):
+    """A copy on the CPU of a LoRA model (peft) whose weights are the full state dict's, with its adapters merged into
+    them (peft's merge_and_unload): made on the meta device and given the state dict's tensors, so no third copy."""
+    from common.model import add_lora_config
+
+    base, config = model.get_base_model(), model.peft_config["default"]
+    transformers_class = next(c for c in type(base).__mro__ if c.__module__.startswith("transformers."))  # not FSDP's
+    with torch.device("meta"):
+        copy = add_lora_config(transformers_class(base.config), config)
+    copy.load_state_dict(state_dict, assign=True)
+    copy.get_base_model().tie_weights()  # assigned one by one, tied weights (embeddings, LM head) come apart
+    return copy.merge_and_unload()
 
 
 def claim_output_dir(output_dir: str, resume: bool, overwrite: bool) -> str:
@@ -127,7 +154,7 @@ def save_checkpoint(
     error = _agree(error)  # also the barrier: tmp exists before any rank writes into it
     if error is None:
         try:
-            model_state, optim_state = get_state_dict(model, optimizer)
+            model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
             dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
             rng = {
                 "python": random.getstate(),
@@ -211,10 +238,16 @@ def load_checkpoint(output_dir: str, model, optimizer, scheduler) -> tuple[int, 
             error = _one_line(e)
         if (error := _agree(error)) is None:
             try:
-                model_state, optim_state = get_state_dict(model, optimizer)
+                model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
                 state = {"model": model_state, "optimizer": optim_state}
                 dcp.load(state, checkpoint_id=str(path))
-                set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+                set_state_dict(
+                    model,
+                    optimizer,
+                    model_state_dict=state["model"],
+                    optim_state_dict=state["optimizer"],
+                    options=StateDictOptions(ignore_frozen_params=True, strict=False),  # the frozen are not saved
+                )
             except (Exception, dcp.CheckpointException) as e:
                 error = _one_line(e)
             error = _agree(error)

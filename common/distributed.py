@@ -68,20 +68,33 @@ def prepare_model(
     model: torch.nn.Module, device: torch.device, dtype: torch.dtype, trainable: bool = True, shard: bool | None = None
 ) -> torch.nn.Module:
     """The model on `device`, its fp32 weights the master copy, its forwards computing in `dtype`; frozen unless
-    trainable. Several processes (or shard=True): FSDP2, `fully_shard` each decoder layer and then the root, the
+    trainable (where trainable, the weights that require gradients are those that train: all, or a LoRA model's
+    adapters). Several processes (or shard=True): FSDP2, `fully_shard` each decoder layer and then the root, the
     gathered parameters cast to dtype, gradients reduced in fp32. One process: a plain module whose forward runs
     under torch.autocast(dtype), as FSDP2 at world size 1 would still copy and cast every parameter at each forward
     and backward and make the optimizer step over DTensors (pytorch/pytorch#134191). Both paths are tested."""
     model.to(device)
-    model.requires_grad_(trainable)
+    if not trainable:
+        model.requires_grad_(False)
     if shard if shard is not None else dist.get_world_size() > 1:
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for layer in model.model.layers:
+        for layer in decoder_layers(model):
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
     elif dtype != torch.float32:
         model.forward = torch.autocast(device.type, dtype=dtype)(model.forward)
     return model
+
+
+def trainable_parameters(model: torch.nn.Module) -> list:
+    """The weights that train, which the optimizer updates: all of a fully trained model, a LoRA model's adapters."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a transformers model (causal LM, reward or value model), with LoRA adapters or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
 
 
 def sync_gradients(model: torch.nn.Module, sync: bool):

@@ -40,6 +40,7 @@ from common.distributed import gather_objects, is_main, print0, sum_over_process
 from common.flags import fail
 from common.generation import generate
 from common.logps import shared_prompt_logps
+from common.model import adapters_off
 
 INITIAL = "eval_initial.jsonl"
 TABLE_ROWS = 8
@@ -217,7 +218,9 @@ class HeldOutEval:
         chunks = []
         for i in range(0, len(inputs[0]), self.forward_batch_size):
             part = [x[i : i + self.forward_batch_size] for x in inputs]
-            chunks.append(shared_prompt_logps(policy, *part).sum(-1) - shared_prompt_logps(reference, *part).sum(-1))
+            with adapters_off(reference):  # with LoRA, the policy with its adapters off
+                reference_logps = shared_prompt_logps(reference, *part).sum(-1)
+            chunks.append(shared_prompt_logps(policy, *part).sum(-1) - reference_logps)
         return torch.cat(chunks)
 
     def verdicts(self, responses: list[str], scores: list) -> tuple[list[float | None], int, int]:

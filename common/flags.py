@@ -56,6 +56,11 @@ def check_shared_args(args):
         require(args.learning_rate > 0, "learning_rate", args.learning_rate, "must be above 0")
     require(args.max_grad_norm > 0, "max_grad_norm", args.max_grad_norm, "must be above 0 (the clipping norm)")
     require(1 <= args.max_prompt_length, "max_prompt_length", args.max_prompt_length, "must be at least 1")
+    lora = args.lora
+    require(lora.r >= 0, "lora.r", lora.r, "must be 0 (no adapters: every weight trains) or more")
+    require(lora.alpha > 0, "lora.alpha", lora.alpha, "must be above 0")
+    require(0 <= lora.dropout < 1, "lora.dropout", lora.dropout, "must be in [0, 1)")
+    require(lora.target_modules != "", "lora.target_modules", "''", "must name layers, or be all-linear")
 
 
 def check_dataset_args(args):

@@ -17,7 +17,7 @@ from packaging.version import Version
 from transformers import DynamicCache
 
 from common.batch import GENERATIONS, collate, interleave_responses, to_device
-from common.distributed import all_reduce
+from common.distributed import all_reduce, decoder_layers
 
 # the keyword of a forward's KV cache: `cache` from transformers 5.24, `past_key_values` (deprecated there) before
 CACHE = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
@@ -103,7 +103,7 @@ def shared_prompt_logps(
         logits = logits / temperature if temperature != 1.0 else logits
         return token_logps(logits, labels), position_stats(logits) if with_stats else None
 
-    if any(getattr(layer, "gradient_checkpointing", False) for layer in model.model.layers):  # the layers' own switch
+    if any(getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(model)):  # the layers' switch
         positions = (key_mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(
             input_ids=torch.cat([prompt_ids.repeat_interleave(n, 0), response_ids], 1),

@@ -68,9 +68,10 @@ class Tracker:
             json.dump(config, f, indent=2)
         self.path, self.output_dir = os.path.join(args.output_dir, "metrics.jsonl"), args.output_dir
         kept = {name: kept_lines(os.path.join(args.output_dir, name), resume_step) for name in self.LOGS}
-        for name, lines in kept.items():
-            with open(os.path.join(args.output_dir, name), "w") as f:
-                f.writelines(lines)
+        for name, lines in kept.items():  # a log this run writes to starts with the lines it keeps, or empty
+            if lines or os.path.exists(os.path.join(args.output_dir, name)):
+                with open(os.path.join(args.output_dir, name), "w") as f:
+                    f.writelines(lines)
         # `time`: wall seconds of training so far (from here, after loading), a resumed run's earlier part included
         self.start = time.time() - (
             json.loads(kept["metrics.jsonl"][-1]).get("time", 0.0) if kept["metrics.jsonl"] else 0.0

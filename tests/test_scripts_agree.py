@@ -91,6 +91,7 @@ def test_the_shared_groups_are_in_every_script():
         "reweighter",
         "gradient_checkpointing",
         "dtype",
+        "lora",
         "max_steps",
         "learning_rate",
         "per_device_batch_size",
