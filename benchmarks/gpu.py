@@ -11,6 +11,8 @@ Pairs (ours / TRL), each side a subprocess on the same model folder, data and se
     kto           kto_pointwise.py / KTOTrainer                      32 examples a step
     online_dpo    dpo_pairwise.py --online / OnlineDPOTrainer        16 prompts x 2 samples (16 pairs) a step
     grpo          rl_ppo.py --estimator grpo / GRPOTrainer           8 prompts x 4 samples (32 responses) a step
+    decode        common.generation.generate / transformers' generate (what TRL's trainers sample with), alone:
+                  16 prompts x 2 samples of 128 tokens at temperature 1, prefill included, in this process
 
 Shared settings: max_length 256, max_prompt_length 128, learning rate 1e-5 with 5 warmup steps, seed 1; online:
 128 new tokens at temperature 1, scored by the workload's reward model (rm/). Ours: --dtype bf16, --log_every 1,
@@ -37,6 +39,11 @@ Definitions, the same on both sides:
     python benchmarks/gpu.py --pairs sft dpo --out $OUT
     python benchmarks/gpu.py --small                  # a 2-layer model and a few steps: a smoke test, e.g. on CPU
     python benchmarks/gpu.py --pairs dpo --profile --out $OUT   # ours under torch.profiler instead: where time goes
+
+decode: ms per token step (the rollout's seconds over its longest response, so the prompts' prefill and, ours, the
+CUDA graph's recording are in it) and generated tokens/s, on the benchmark model under bf16 autocast over its fp32
+weights, as both sides train; ours with the decode step replayed as a CUDA graph (its default on CUDA) and without,
+and whether greedy decoding gives the same tokens on the three (rows identical of 32; bf16 rounding can part them).
 
 On a GPU it first checks the lead of the NaN that offline DPO and KTO trained into (pytorch/pytorch#196678): torch's
 cuDNN attention backward with a fully masked query row (a left-padded prompt under a causal mask) at key lengths 64,
@@ -194,6 +201,78 @@ def our_command(pair: str, work: Path, small: bool) -> list[str]:
         command += ["--estimator", "grpo", "--num_samples", str(NUM_SAMPLES), "--num_ppo_epochs", "1"]
         command += ["--num_minibatches", "1", "--missing_eos_penalty", "None", "--kl_coef", str(KL_COEF)]
     return command
+
+
+def decode_benchmark(model_path: Path, work: Path, small: bool) -> tuple[list[str], dict]:
+    """decode (the module docstring): the printed lines, and ours (with the graph) against transformers' generate."""
+    sys.path.insert(0, str(ROOT))
+    from common.batch import pad
+    from common.distributed import prepare_model
+    from common.generation import generate
+    from common.model import load_causal_lm, load_tokenizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(str(model_path))
+    model = prepare_model(load_causal_lm(str(model_path), tokenizer, device), device, torch.bfloat16, shard=False)
+    rows = [json.loads(line) for line in open(work / "pairwise.jsonl")][:16]
+    prompts = pad([tokenizer(row["prompt"])["input_ids"] for row in rows], tokenizer.pad_token_id, left=True)
+    prompt_ids, prompt_mask = (x.to(device) for x in prompts)
+    new_tokens, ids = max_new_tokens(small), (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    options = dict(max_new_tokens=new_tokens, eos_token_id=ids[0], pad_token_id=ids[1], num_samples=2)
+
+    def ours(graph: bool, temperature: float, seed: int):
+        generator = torch.Generator(device).manual_seed(seed)
+        return generate(
+            model, prompt_ids, prompt_mask, **options, temperature=temperature, generator=generator, cuda_graph=graph
+        )
+
+    def transformers_generate(temperature: float, seed: int):
+        torch.manual_seed(seed)
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else {}
+        sampling = sampling or dict(do_sample=False)
+        out = model.generate(
+            input_ids=prompt_ids.repeat_interleave(2, 0),
+            attention_mask=prompt_mask.repeat_interleave(2, 0),
+            max_new_tokens=new_tokens,
+            eos_token_id=ids[0],
+            pad_token_id=ids[1],
+            **sampling,
+        )[:, prompt_ids.shape[1] :]
+        return out, (out != ids[1]).long()  # EOS differs from padding in the workload's tokenizer
+
+    def timed(sample) -> dict:
+        sample(1.0, 0)  # a warm-up rollout
+        seconds, steps, tokens = 0.0, 0, 0
+        for seed in range(1, 4):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            _, mask = sample(1.0, seed)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - start
+            steps, tokens = steps + mask.shape[1], tokens + int(mask.sum())
+        return dict(ms_per_token_step=1000 * seconds / steps, tokens_per_s=tokens / seconds)
+
+    sides = {
+        "ours, CUDA graph": lambda t, s: ours(True, t, s),
+        "ours, no graph": lambda t, s: ours(False, t, s),
+        "transformers generate": transformers_generate,
+    }
+    if device.type != "cuda":
+        del sides["ours, CUDA graph"]
+    results = {name: timed(sample) for name, sample in sides.items()}
+    greedy = {name: sample(0.0, 0)[0] for name, sample in sides.items()}
+    lines = [f"\ndecode: 32 sequences (16 prompts x 2) x {new_tokens} new tokens, temperature 1, bf16 autocast"]
+    lines += ["| side | ms per token step | generated tokens/s |", "|---|---|---|"]
+    lines += [f"| {n} | {r['ms_per_token_step']:.2f} | {r['tokens_per_s']:,.0f} |" for n, r in results.items()]
+    names = list(greedy)
+    for a, b in zip(names, names[1:] + names[:1]) if len(names) > 2 else [names]:
+        width = min(greedy[a].shape[1], greedy[b].shape[1])
+        same = int((greedy[a][:, :width] == greedy[b][:, :width]).all(-1).sum())
+        lines.append(f"greedy: {a} and {b} give the same tokens in {same} of {greedy[a].shape[0]} rows")
+    ours_name = "ours, CUDA graph" if device.type == "cuda" else "ours, no graph"
+    return lines, dict(ours=results[ours_name], theirs=results["transformers generate"])
 
 
 def attention_probe() -> list[str]:
@@ -482,6 +561,28 @@ def record(pair: str, small: bool, device: str, versions: dict, ours: dict, thei
         f.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()}) + "\n")
 
 
+def record_decode(small: bool, device: str, versions: dict, ours: dict, theirs: dict):
+    """decode's line of benchmarks/results.jsonl: generated tokens/s of ours (CUDA graph) and transformers' generate."""
+    line = {
+        "pair": "decode",
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit(),
+        "machine": f"{device}, {os.cpu_count()} CPUs",
+        "command": " ".join(["python", "benchmarks/gpu.py", *sys.argv[1:]]),
+        "unit": "generated tokens",
+        "ours": ours["tokens_per_s"],
+        "trl": theirs["tokens_per_s"],
+        "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+        "ours_ms_per_token_step": ours["ms_per_token_step"],
+        "trl_ms_per_token_step": theirs["ms_per_token_step"],
+        "device": device,
+        "small": small,
+        "versions": versions,
+    }
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()}) + "\n")
+
+
 def measure_pairs(args, env, tokenizer, params, peak_flops, device, versions, start, say):
     """Both sides of every pair of args.pairs, then the table; each pair measured on both sides goes to results.jsonl
     (not with --small, unless --record)."""
@@ -509,7 +610,9 @@ def measure_pairs(args, env, tokenizer, params, peak_flops, device, versions, st
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=list(PAIRS), help="which pairs to run")
+    parser.add_argument(
+        "--pairs", nargs="+", choices=[*PAIRS, "decode"], default=[*PAIRS, "decode"], help="which pairs to run"
+    )
     parser.add_argument("--small", action="store_true", help="a 2-layer model and a few steps: a smoke test")
     parser.add_argument(
         "--data",
@@ -567,12 +670,21 @@ def main():
         for line in attention_probe():
             say(line)
     if args.profile:
-        for pair in args.pairs:
+        for pair in [pair for pair in args.pairs if pair != "decode"]:
             profile = args.work / "logs" / f"profile-{pair}"
             command = [sys.executable, __file__, "--profile_side", pair, "--work", str(args.work)]
             failure = run(command + ["--small"] * args.small, profile.with_suffix(".log"), args.timeout, env)
             say(f"[{time.time() - start:.0f} s] {pair} profiled: {failure or profile.with_suffix('.txt')}")
     else:
+        if "decode" in args.pairs:
+            lines, decode = decode_benchmark(model, args.work, args.small)
+            for line in lines:
+                say(line)
+            if args.record or not args.small:
+                record_decode(args.small, device, versions, **decode)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the benchmark model's memory, before the pairs' runs
+        args.pairs = [pair for pair in args.pairs if pair != "decode"]
         measure_pairs(args, env, tokenizer, params, peak_flops, device, versions, start, say)
     say(f"\n[{time.time() - start:.0f} s] done; logs in {args.work / 'logs'}")
 

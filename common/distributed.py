@@ -83,6 +83,7 @@ def prepare_model(
         fully_shard(model, mp_policy=mp)
     elif dtype != torch.float32:
         model.forward = torch.autocast(device.type, dtype=dtype)(model.forward)
+        model.autocast_dtype = dtype  # for a loop of forwards to run under one autocast (common.generation)
     return model
 
 
