@@ -99,18 +99,29 @@ def read_metrics(output_dir) -> list[dict]:
 @pytest.fixture(scope="session")
 def sft_model(tmp_path_factory):
     """`python sft.py` with its toy defaults, run once: the starting point of the alignment tests. Under pytest-xdist
-    the workers share one run (the first to need it trains it, under a lock, in the session's common folder)."""
+    the workers share one run (the first to need it trains it, under a lock, in the session's common folder). If the
+    run fails, every test that needs it fails with one line naming this fixture, the run's time and why, and the run
+    is not tried again."""
     from filelock import FileLock
 
     if not os.environ.get("PYTEST_XDIST_WORKER"):
-        output_dir = tmp_path_factory.mktemp("sft")
-        run_script("sft.py", "--output_dir", str(output_dir))
-        return output_dir
+        return shared_sft_run(tmp_path_factory.getbasetemp(), tmp_path_factory.getbasetemp() / "sft", {})
     shared = tmp_path_factory.getbasetemp().parent  # this session's folder, above each worker's own
-    output_dir = shared / "sft"
-    with FileLock(str(shared / "sft.lock")):
-        if not (output_dir / "model.safetensors").exists():  # two threads: the other worker is likely waiting for it
-            run_script("sft.py", "--output_dir", str(output_dir), env={"OMP_NUM_THREADS": "2"})
+    with FileLock(str(shared / "sft.lock")):  # two threads: the other worker is likely waiting for it
+        return shared_sft_run(shared, shared / "sft", {"OMP_NUM_THREADS": "2"})
+
+
+def shared_sft_run(shared: Path, output_dir: Path, env: dict) -> Path:
+    failed = shared / "sft.failed"
+    if not (output_dir / "model.safetensors").exists() and not failed.exists():
+        start = time.time()
+        try:
+            run_script("sft.py", "--output_dir", str(output_dir), env=env)
+        except (AssertionError, subprocess.TimeoutExpired) as e:
+            why = str(e).strip().splitlines()[-1][:300]
+            failed.write_text(f"fixture sft_model: `python sft.py` failed after {time.time() - start:.0f} s: {why}")
+    if failed.exists():
+        pytest.fail(failed.read_text(), pytrace=False)
     return output_dir
 
 
