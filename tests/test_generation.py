@@ -2,6 +2,8 @@
 step a CUDA graph replays on CUDA, computes what a plain forward computes, so the samples follow the policy's
 distribution (the sampler itself: tests/test_online.py) and greedy decoding gives transformers' own tokens."""
 
+import json
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from common.batch import pad
 from common.generation import Decoder, generate
 from common.logps import prefill, shared_prompt_logps, token_logps
 from common.model import load_causal_lm, load_tokenizer
+from tests.conftest import run_script
 
 PROMPTS = ("a", "dbca=", "fedcba=", "cb=")
 
@@ -95,6 +98,16 @@ def test_checking_eos_every_few_tokens_gives_the_same_samples(sft_model, monkeyp
             assert torch.equal(other_ids, ids) and torch.equal(other_mask, mask)
         lengths.add(mask.shape[1])
     assert min(lengths) < 32 and max(lengths) == 32
+
+
+def test_each_process_draws_its_own_samples(tmp_path):
+    """Under torchrun --nproc_per_node 2, the same two prompts from the same sharded policy: each process's
+    OnlineSampler draws from its own generator (seeded with seed and rank), so the processes' samples differ."""
+    out = tmp_path / "samples.json"
+    run_script("tests/two_samplers.py", str(out), nproc=2)
+    first, second = json.loads(out.read_text())
+    assert first["prompts"] == second["prompts"] and len(first["responses"]) == 2
+    assert first["responses"] != second["responses"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
