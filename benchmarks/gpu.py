@@ -228,8 +228,8 @@ def decode_benchmark(model_path: Path, work: Path, small: bool) -> tuple[list[st
 
     def transformers_generate(temperature: float, seed: int):
         torch.manual_seed(seed)
-        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else {}
-        sampling = sampling or dict(do_sample=False)
+        greedy = dict(do_sample=False)
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else greedy
         out = model.generate(
             input_ids=prompt_ids.repeat_interleave(2, 0),
             attention_mask=prompt_mask.repeat_interleave(2, 0),
@@ -534,53 +534,44 @@ def ratios(ours: dict, theirs: dict) -> tuple[float, float | None]:
     return ours["units_per_s"] / theirs["units_per_s"], memory
 
 
-def record(pair: str, small: bool, device: str, versions: dict, ours: dict, theirs: dict):
-    """One line of benchmarks/results.jsonl, in run.py's style (ours, trl: units/s) plus the GPU measurements."""
-    speed, memory = ratios(ours, theirs)
+def append_result(pair: str, unit: str, small: bool, device: str, versions: dict, measured: dict):
+    """One line of benchmarks/results.jsonl, in run.py's style (ours, trl, ratio) plus the GPU measurements."""
     line = {
         "pair": pair,
         "date": time.strftime("%Y-%m-%d"),
         "commit": commit(),
         "machine": f"{device}, {os.cpu_count()} CPUs",
         "command": " ".join(["python", "benchmarks/gpu.py", *sys.argv[1:]]),
-        "unit": PAIRS[pair][2],
-        "ours": ours["units_per_s"],
-        "trl": theirs["units_per_s"],
-        "ratio": speed,
-        "memory_ratio": memory,
+        "unit": unit,
+        **measured,
         "device": device,
         "small": small,
-        "window": window(pair, small),
         "versions": versions,
     }
-    for name in ("ms_per_step", "tokens_per_s", "mfu", "peak_gib"):
-        line |= {f"ours_{name}": ours[name], f"trl_{name}": theirs[name]}
-    if ours["precompute"] is not None:
-        line["ours_precompute_seconds"] = ours["precompute"][2]
     with open(RESULTS, "a") as f:
         f.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()}) + "\n")
+
+
+def record(pair: str, small: bool, device: str, versions: dict, ours: dict, theirs: dict):
+    """A pair's line: units/s of both sides and their ratio, and each side's GPU measurements."""
+    speed, memory = ratios(ours, theirs)
+    measured = dict(ours=ours["units_per_s"], trl=theirs["units_per_s"], ratio=speed, memory_ratio=memory)
+    measured["window"] = window(pair, small)
+    for name in ("ms_per_step", "tokens_per_s", "mfu", "peak_gib"):
+        measured |= {f"ours_{name}": ours[name], f"trl_{name}": theirs[name]}
+    if ours["precompute"] is not None:
+        measured["ours_precompute_seconds"] = ours["precompute"][2]
+    append_result(pair, PAIRS[pair][2], small, device, versions, measured)
 
 
 def record_decode(small: bool, device: str, versions: dict, ours: dict, theirs: dict):
-    """decode's line of benchmarks/results.jsonl: generated tokens/s of ours (CUDA graph) and transformers' generate."""
-    line = {
-        "pair": "decode",
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": commit(),
-        "machine": f"{device}, {os.cpu_count()} CPUs",
-        "command": " ".join(["python", "benchmarks/gpu.py", *sys.argv[1:]]),
-        "unit": "generated tokens",
-        "ours": ours["tokens_per_s"],
-        "trl": theirs["tokens_per_s"],
-        "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
-        "ours_ms_per_token_step": ours["ms_per_token_step"],
-        "trl_ms_per_token_step": theirs["ms_per_token_step"],
-        "device": device,
-        "small": small,
-        "versions": versions,
-    }
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()}) + "\n")
+    """decode's line: generated tokens/s of ours (CUDA graph) and transformers' generate, and ms per token step."""
+    measured = dict(ours=ours["tokens_per_s"], trl=theirs["tokens_per_s"])
+    measured["ratio"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
+    measured |= dict(
+        ours_ms_per_token_step=ours["ms_per_token_step"], trl_ms_per_token_step=theirs["ms_per_token_step"]
+    )
+    append_result("decode", "generated tokens", small, device, versions, measured)
 
 
 def measure_pairs(args, env, tokenizer, params, peak_flops, device, versions, start, say):
@@ -669,22 +660,22 @@ def main():
     if torch.cuda.is_available():
         for line in attention_probe():
             say(line)
+    decode, args.pairs = "decode" in args.pairs, [pair for pair in args.pairs if pair != "decode"]
     if args.profile:
-        for pair in [pair for pair in args.pairs if pair != "decode"]:
+        for pair in args.pairs:
             profile = args.work / "logs" / f"profile-{pair}"
             command = [sys.executable, __file__, "--profile_side", pair, "--work", str(args.work)]
             failure = run(command + ["--small"] * args.small, profile.with_suffix(".log"), args.timeout, env)
             say(f"[{time.time() - start:.0f} s] {pair} profiled: {failure or profile.with_suffix('.txt')}")
     else:
-        if "decode" in args.pairs:
-            lines, decode = decode_benchmark(model, args.work, args.small)
+        if decode:
+            lines, sides = decode_benchmark(model, args.work, args.small)
             for line in lines:
                 say(line)
             if args.record or not args.small:
-                record_decode(args.small, device, versions, **decode)
+                record_decode(args.small, device, versions, **sides)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the benchmark model's memory, before the pairs' runs
-        args.pairs = [pair for pair in args.pairs if pair != "decode"]
         measure_pairs(args, env, tokenizer, params, peak_flops, device, versions, start, say)
     say(f"\n[{time.time() - start:.0f} s] done; logs in {args.work / 'logs'}")
 

@@ -23,7 +23,7 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import StaticCache
 
 from common.distributed import print0, unsharded
-from common.logps import CACHE, prefill
+from common.logps import CACHE, for_attention, prefill
 
 EOS_CHECK_EVERY = {"cuda": 8}  # tokens between two checks for EOS on every sequence; 1 on other devices
 graph_failure = None  # why recording the decode step as a CUDA graph failed in this process, if it did
@@ -63,7 +63,7 @@ def generate(
     prompt i's samples at rows i*n .. i*n + n - 1, each response ending at its EOS (included) or after
     max_new_tokens. The prompts run once; their KV cache is then copied for each sample. temperature 0 is greedy.
     `generator` draws the samples (None: torch's global RNG). cuda_graph: replay the decode step as a CUDA graph
-    (None: on CUDA, where the policy is not sharded).
+    (None: on CUDA, where the policy is not sharded; see Decoder).
     """
     was_training = model.training
     model.eval()
@@ -75,8 +75,6 @@ def generate(
     with unsharded(model), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         logits, cache, next_position = prefill(model, prompt_token_ids, prompt_attention_mask)
         logits = logits[:, -1].repeat_interleave(num_samples, 0)
-        if cuda_graph is None:
-            cuda_graph = device.type == "cuda" and not isinstance(model, FSDPModule) and graph_failure is None
         decode = Decoder(model, cache, prompt_attention_mask, next_position, num_samples, max_new_tokens, cuda_graph)
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
         tokens, masks = [], []
@@ -101,8 +99,8 @@ class Decoder:
     the written positions only, so every step is the same computation on the same memory: what a CUDA graph
     replays. `cuda_graph`: the first step runs as it is, and records the graph that the next ones replay."""
 
-    def __init__(self, model, prefix, prompt_mask, positions, num_samples: int, max_new_tokens: int, cuda_graph: bool):
-        num_prompt, implementation = prompt_mask.shape[1], model.config._attn_implementation
+    def __init__(self, model, prefix, prompt_mask, positions, num_samples: int, max_new_tokens: int, cuda_graph):
+        num_prompt, flash = prompt_mask.shape[1], "flash" in model.config._attn_implementation
         self.cache = StaticCache(config=model.config, max_cache_len=num_prompt + max_new_tokens)
         for index, layer in enumerate(prefix.layers):  # each prompt's keys and values, once per sample
             keys, values = (x.repeat_interleave(num_samples, 0) for x in (layer.keys, layer.values))
@@ -111,8 +109,10 @@ class Decoder:
         self.key_mask[:, :num_prompt] = prompt_mask.repeat_interleave(num_samples, 0).bool()
         self.position = positions.repeat_interleave(num_samples, 0)
         self.token, self.t, self.num_prompt = torch.zeros_like(self.position), 0, num_prompt
-        self.model, self.implementation, self.graph = model, implementation, None
-        self.cuda_graph = cuda_graph and "flash" not in implementation  # flash-attn unpads: shapes vary with the mask
+        self.model, self.flash, self.graph = model, flash, None
+        if cuda_graph is None:  # by default on CUDA, where the policy is not sharded and no recording failed before
+            cuda_graph = positions.device.type == "cuda" and not isinstance(model, FSDPModule) and graph_failure is None
+        self.cuda_graph = cuda_graph and not flash  # flash-attn unpads: its shapes vary with the mask
 
     def __call__(self, token: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
         """Logits after `token` (N,): a real token in the rows where `written`, padding after EOS in the others."""
@@ -141,11 +141,8 @@ class Decoder:
         return logits
 
     def step(self) -> torch.Tensor:
-        mask = self.key_mask[:, None, None, :]  # (N, 1, 1, K): every query sees the written keys, itself included
-        if "flash" in self.implementation:
-            mask = self.key_mask
-        elif self.implementation == "eager":
-            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        # every query sees the written keys, itself included: (N, 1, 1, K), or the key mask itself for flash-attn
+        mask = self.key_mask if self.flash else for_attention(self.model, self.key_mask[:, None, None, :])
         logits = self.model(
             input_ids=self.token, attention_mask=mask, position_ids=self.position, use_cache=True, **{CACHE: self.cache}
         ).logits[:, -1]

@@ -28,15 +28,19 @@ def attention_mask(model, key_mask: torch.Tensor, num_queries: int) -> torch.Ten
     (1 a token, 0 padding), in which every query also sees itself (the module docstring): (B, 1, Q, K) bool for
     torch's scaled_dot_product_attention, additive for eager attention. flash-attn drops padded positions before
     attending, so it gets key_mask as it is; so does a batch without padding (transformers then uses is_causal)."""
-    implementation = model.config._attn_implementation
-    if "flash" in implementation or bool(key_mask.all()):
+    if "flash" in model.config._attn_implementation or bool(key_mask.all()):
         return key_mask
     num_keys = key_mask.shape[1]
     keys = torch.arange(num_keys, device=key_mask.device)
     queries = keys[num_keys - num_queries :, None]  # (Q, 1): each query's own position among the keys
     mask = (keys <= queries) & key_mask[:, None, :].bool() | (keys == queries)  # (B, Q, K)
-    mask = mask[:, None]  # (B, 1, Q, K): the same for every head
-    if implementation == "eager":
+    return for_attention(model, mask[:, None])  # (B, 1, Q, K): the same for every head
+
+
+def for_attention(model, mask: torch.Tensor) -> torch.Tensor:
+    """A (B, 1, Q, K) bool mask (True: the query sees the key) in the form the model's attention takes: as it is for
+    torch's scaled_dot_product_attention, additive for eager attention."""
+    if model.config._attn_implementation == "eager":
         return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
     return mask
 
